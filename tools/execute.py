@@ -1,0 +1,60 @@
+"""Execute chapters in place: update each .ipynb from its .md, run it, save outputs.
+
+    python tools/execute.py chapters/02_attention.md [more chapters ...]
+    python tools/execute.py            # every chapter
+
+The paired .md is the source; the .ipynb is rewritten from it (so the pair cannot
+drift), executed top to bottom in a fresh kernel with the repository's settings, and
+saved with its outputs. The .md is then re-synced so both carry the same text.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def execute(md: Path, timeout: int = 1200) -> float:
+    ipynb = md.with_suffix(".ipynb")
+    jupytext = [sys.executable, "-m", "jupytext", "--quiet"]
+    if ipynb.exists():
+        subprocess.run([*jupytext, "--to", "ipynb", "--update", str(md)], check=True)
+    else:
+        subprocess.run([*jupytext, "--to", "ipynb", str(md)], check=True)
+    nb = nbformat.read(ipynb, as_version=4)
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    start = time.perf_counter()
+    NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(md.parent)}},
+    ).execute()
+    seconds = time.perf_counter() - start
+    nbformat.write(nb, ipynb)
+    subprocess.run([*jupytext, "--sync", str(ipynb)], check=True)
+    return seconds
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    paths = [Path(a) for a in argv] or sorted((ROOT / "chapters").glob("[0-9A-Z]*.md"))
+    for path in paths:
+        md = path.with_suffix(".md")
+        if not md.exists():
+            raise SystemExit(f"{md} does not exist: every chapter is a .md/.ipynb pair")
+        seconds = execute(md)
+        print(f"{md}: executed in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
