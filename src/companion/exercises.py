@@ -111,5 +111,6 @@ def check(
             print(f"   expected: {describe(expected)}")
             print(f"   got:      {describe(got)}")
             return False
-    print(f"✅ {name}: all {len(cases)} checks passed.")
+    n = len(cases)
+    print(f"✅ {name}: all {n} checks passed." if n > 1 else f"✅ {name}: the check passed.")
     return True
