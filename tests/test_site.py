@@ -162,7 +162,7 @@ def pages_with_math():
 def test_math_renders_with_local_mathjax(server, browser):
     for path in pages_with_math():
         visit = Visit(browser, server, path)
-        visit.page.wait_for_selector("mjx-container", timeout=20_000)
+        visit.page.wait_for_selector("mjx-container", state="attached", timeout=20_000)
         rendered = visit.page.evaluate("document.querySelectorAll('mjx-container').length")
         errors = visit.page.evaluate("document.querySelectorAll('mjx-merror').length")
         scripts = visit.page.eval_on_selector_all("script[src*=mathjax]", "els => els.map(e => e.src)")

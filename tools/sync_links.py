@@ -59,13 +59,15 @@ def sync(check: bool) -> list[Path]:
         if path.suffix == ".md":
             new = rewrite(old, url, branch, chapter)
         else:
-            nb = json.loads(old)
+            nb, changed = json.loads(old), False
             for cell in nb["cells"]:
-                src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-                cell["source"] = rewrite(src, url, branch, chapter)
-            new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
-            if json.loads(new) == json.loads(old):
-                new = old  # keep the file byte-identical when nothing changed
+                src = cell["source"]
+                text = "".join(src) if isinstance(src, list) else src
+                updated = rewrite(text, url, branch, chapter)
+                if updated != text:
+                    cell["source"] = updated.splitlines(keepends=True) if isinstance(src, list) else updated
+                    changed = True
+            new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n" if changed else old
         if new != old:
             stale.append(path)
             if not check:
