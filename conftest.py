@@ -1,11 +1,21 @@
 """Repository-wide pytest configuration.
 
+Every process of the suite, and every notebook kernel nbval starts (kernels inherit this
+environment), computes on one thread. The chapters' committed outputs were produced the
+same way (tools/execute.py), so a different thread count cannot change a printed digit,
+and two test workers on two cores never oversubscribe them.
+
 nbval compares every output of every chapter (strict mode). One deliberate exemption:
 text written to stderr (progress bars, warnings) is not compared, because tqdm's
 refresh rate and library warnings vary from run to run while the numbers do not.
 """
 
-import nbval.plugin
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import nbval.plugin  # noqa: E402  (after the thread settings, which must come first)
 
 _compare_outputs = nbval.plugin.IPyNbCell.compare_outputs
 

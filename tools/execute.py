@@ -46,7 +46,10 @@ def execute(md: Path, timeout: int = 1200) -> float:
 
 
 def main(argv: list[str]) -> None:
-    os.environ.setdefault("PYTHONHASHSEED", "0")
+    # The same settings as the test suite (see conftest.py): one thread, fixed hash seed.
+    os.environ["PYTHONHASHSEED"] = "0"
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
     paths = [Path(a) for a in argv] or sorted((ROOT / "chapters").glob("[0-9A-Z]*.md"))
     for path in paths:
         md = path.with_suffix(".md")
