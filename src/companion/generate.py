@@ -45,6 +45,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p={p!r} must be in (0, 1]")
+    if p == 1.0:  # everything: skip the sum, whose rounding could drop the rarest tokens
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly more likely tokens
@@ -108,6 +110,8 @@ def generate(
         raise ValueError("idx is empty: give at least one prompt token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if context_length is not None and context_length < 1:
+        raise ValueError(f"context_length={context_length} must be >= 1")
 
     def logits_of(out):
         return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,434 @@
+"""Building blocks shared by Llama 2, Mistral and Phi-2.
+
+* :class:`RMSNorm`: LayerNorm without the mean and the bias (Zhang and Sennrich, 2019).
+* Rotary position embeddings (Su et al., 2021): :func:`rope_cos_sin` makes the angles,
+  :func:`apply_rope` rotates queries and keys in the *half-split* layout that Hugging Face
+  checkpoints use (feature ``i`` pairs with feature ``i + d/2``), optionally only the first
+  ``rotary_dim`` features (partial rotary, Phi-2). :func:`apply_rope_interleaved` is the
+  layout of Meta's original code (feature ``2i`` pairs with ``2i + 1``);
+  :func:`interleaved_to_half_split` permutes projection weights from one to the other.
+* :class:`SwiGLU`: the gated feed-forward network of Llama and Mistral (Shazeer, 2020).
+* :func:`attention`: masked softmax attention with grouped key/value heads (Ainslie et al.,
+  2023): query head ``h`` reads key/value head ``h // (H // H_kv)``.
+* :func:`attention_mask`: which key positions each query position may see, causal and
+  optionally inside a sliding window, built from positions so it works with or without a
+  cache.
+* :class:`KVCache`: preallocated keys and values, written at a position index (fixed shapes,
+  so ``torch.compile`` and CUDA graphs can capture the decoding step).
+  :class:`RollingKVCache`: the same for sliding-window attention, with ``window`` slots and
+  position ``p`` stored in slot ``p % window`` (Jiang et al., 2023).
+
+Letters used in shape comments: B batch, T time (new tokens), S key positions, C channels,
+H query heads, K key/value heads (``H_kv``), G query heads per key/value head (``H // K``),
+D head dimension, R rotary dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "KVCache",
+    "RMSNorm",
+    "RollingKVCache",
+    "SwiGLU",
+    "apply_rope",
+    "apply_rope_interleaved",
+    "attention",
+    "attention_mask",
+    "half_split_to_interleaved",
+    "interleaved_to_half_split",
+    "kv_cache_bytes",
+    "kv_head_of",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "rotate_half",
+]
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dimension.
+
+    LayerNorm subtracts the mean, divides by the standard deviation, then scales and shifts.
+    RMSNorm only divides by the root mean square and scales: one statistic instead of two, no
+    bias, and in practice the same quality. The statistic is computed in float32 even for
+    half-precision inputs, as Hugging Face's ``LlamaRMSNorm`` does.
+
+    >>> norm = RMSNorm(2)
+    >>> norm(torch.tensor([[3.0, 4.0]]))  # rms = sqrt((9 + 16) / 2) = 3.5355
+    tensor([[0.8485, 1.1314]], grad_fn=<MulBackward0>)
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps}"
+
+
+# ---- rotary position embeddings -------------------------------------------------------------
+
+
+def rope_inv_freq(rotary_dim: int, theta: float = 10000.0) -> Tensor:
+    """The ``R/2`` rotation frequencies ``theta ** (-2i / R)``, ``i = 0 .. R/2 - 1``, in float32.
+
+    Pair ``i`` turns by ``position * inv_freq[i]`` radians: the first pair once per token,
+    the last about once per ``theta`` tokens.
+
+    >>> rope_inv_freq(4, theta=100.0)
+    tensor([1.0000, 0.1000])
+    """
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim={rotary_dim} must be a positive even number")
+    # The same float32 expression as Hugging Face, so the angles agree to the last bit.
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+
+
+def rope_cos_sin(
+    positions: Tensor, rotary_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Cosines and sines of the rotation angles, ``(T, R)`` each, in the half-split layout.
+
+    ``positions`` ``(T,)`` holds integer positions. Angle ``positions[t] * inv_freq[i]``
+    appears twice in each row, at ``i`` and at ``i + R/2``, because feature ``i`` is rotated
+    together with feature ``i + R/2``. Angles are computed in float32 and then cast to
+    ``dtype``.
+
+    >>> cos, sin = rope_cos_sin(torch.arange(3), rotary_dim=4, theta=100.0)
+    >>> sin[1]  # position 1: angles 1.0 and 0.1 radians, each twice
+    tensor([0.8415, 0.0998, 0.8415, 0.0998])
+    """
+    inv_freq = rope_inv_freq(rotary_dim, theta).to(positions.device)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, R/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, R)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``(x1, x2) -> (-x2, x1)`` where ``x1`` and ``x2`` are the two halves of the last dim.
+
+    With ``cos`` and ``sin`` from :func:`rope_cos_sin`, ``x * cos + rotate_half(x) * sin``
+    turns every pair ``(x[i], x[i + R/2])`` by its angle.
+
+    >>> rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    tensor([-3., -4.,  1.,  2.])
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys ``x`` ``(B, H, T, D)`` by the angles ``cos``, ``sin`` ``(T, R)``.
+
+    Only the first ``R`` features of each head are rotated (partial rotary when ``R < D``,
+    as in Phi-2); the other ``D - R`` carry no position. Half-split layout: feature ``i``
+    turns together with feature ``i + R/2``.
+
+    >>> x = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])  # (B=1, H=1, T=1, D=4)
+    >>> cos, sin = rope_cos_sin(torch.tensor([1]), rotary_dim=2)
+    >>> apply_rope(x, cos, sin)  # (x0, x1) turned by 1 radian, x2 and x3 left alone
+    tensor([[[[0.5403, 0.8415, 0.0000, 0.0000]]]])
+    """
+    R = cos.size(-1)
+    if R > x.size(-1):
+        raise ValueError(f"rotary dimension {R} is larger than the head dimension {x.size(-1)}")
+    if R == x.size(-1):
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def apply_rope_interleaved(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+    """RoPE in the layout of Meta's original Llama code: feature ``2i`` pairs with ``2i + 1``.
+
+    Each pair is read as a complex number and multiplied by ``exp(1j * angle)``. ``x`` is
+    ``(B, H, T, D)`` and ``positions`` ``(T,)``. This gives the same attention scores as
+    :func:`apply_rope` once the query and key projections are permuted with
+    :func:`interleaved_to_half_split`.
+
+    >>> x = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
+    >>> apply_rope_interleaved(x, torch.tensor([1]))  # (x0, x1) turned by 1 radian
+    tensor([[[[0.5403, 0.8415, 0.0000, 0.0000]]]])
+    """
+    D = x.size(-1)
+    angles = positions.float()[:, None] * rope_inv_freq(D, theta).to(x.device)  # (T, D/2)
+    rotation = torch.polar(torch.ones_like(angles), angles)  # (T, D/2) complex, |z| = 1
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], D // 2, 2))  # (B, H, T, D/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)  # (B, H, T, D)
+
+
+def interleaved_to_half_split(weight: Tensor, n_heads: int) -> Tensor:
+    """Permute the rows of a query or key projection from Meta's layout to Hugging Face's.
+
+    ``weight`` is ``(n_heads * D, C)``. Within each head, output rows ``0, 2, 4, ...`` (the
+    first member of each pair) move to the first half and rows ``1, 3, 5, ...`` to the second:
+    this is the permutation Hugging Face's conversion script applies to Meta's checkpoints.
+
+    >>> interleaved_to_half_split(torch.arange(4.0)[:, None], n_heads=1).flatten()
+    tensor([0., 2., 1., 3.])
+    """
+    out, C = weight.shape[0], weight.shape[1:]
+    D = out // n_heads
+    w = weight.reshape(n_heads, D // 2, 2, *C)  # (H, D/2, 2, C): pair index, member
+    return w.transpose(1, 2).reshape(out, *C)  # (H, 2, D/2, C) -> (H * D, C)
+
+
+def half_split_to_interleaved(weight: Tensor, n_heads: int) -> Tensor:
+    """The inverse of :func:`interleaved_to_half_split`.
+
+    >>> half_split_to_interleaved(torch.tensor([[0.0], [2.0], [1.0], [3.0]]), n_heads=1).flatten()
+    tensor([0., 1., 2., 3.])
+    """
+    out, C = weight.shape[0], weight.shape[1:]
+    D = out // n_heads
+    w = weight.reshape(n_heads, 2, D // 2, *C)  # (H, member, pair index, C)
+    return w.transpose(1, 2).reshape(out, *C)
+
+
+# ---- the feed-forward network ------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: a gated feed-forward network.
+
+    The ``gate`` branch, passed through SiLU (``x * sigmoid(x)``, also called Swish), decides
+    feature by feature how much of the ``up`` branch goes through. Three matrices instead of
+    two, so the hidden size is about 2/3 of the usual 4x to keep the parameter count.
+    Names follow Hugging Face's ``LlamaMLP``.
+
+    >>> SwiGLU(8, 16)(torch.zeros(2, 3, 8)).shape
+    torch.Size([2, 3, 8])
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+
+def kv_head_of(query_head: int, n_heads: int, n_kv_heads: int) -> int:
+    """The key/value head that query head ``query_head`` reads under grouped-query attention.
+
+    Consecutive query heads share a key/value head: with 8 query heads and 2 key/value heads,
+    heads 0-3 read head 0 and heads 4-7 read head 1.
+
+    >>> [kv_head_of(h, 8, 2) for h in range(8)]
+    [0, 0, 0, 0, 1, 1, 1, 1]
+    """
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+    return query_head // (n_heads // n_kv_heads)
+
+
+def attention_mask(
+    q_pos: Tensor, k_pos: Tensor, window: int | None = None
+) -> Tensor:
+    """Which keys each query may attend to: a bool ``(T, S)``, True where allowed.
+
+    ``q_pos`` ``(T,)`` and ``k_pos`` ``(S,)`` are the positions of the queries and of the keys.
+    A query sees keys at its own position and before (causal); with a ``window``, only the
+    last ``window`` of them (itself included), as in Mistral. Keys at negative positions are
+    empty cache slots and are never seen.
+
+    >>> attention_mask(torch.arange(4), torch.arange(4), window=2).int()
+    tensor([[1, 0, 0, 0],
+            [1, 1, 0, 0],
+            [0, 1, 1, 0],
+            [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    q, k = q_pos[:, None], k_pos[None, :]  # (T, 1), (1, S)
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return allowed  # (T, S)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Masked softmax attention with grouped key/value heads.
+
+    ``q`` is ``(B, H, T, D)``, ``k`` and ``v`` are ``(B, K, S, D)`` with ``H`` a multiple of
+    ``K``, and ``mask`` a bool ``(T, S)`` (True where allowed). Query head ``h`` reads
+    key/value head ``h // (H // K)``: the queries are viewed as ``K`` groups of ``G = H // K``
+    heads, and each group attends to its own key/value head, without copying the keys ``G``
+    times. ``K == H`` is ordinary multi-head attention, ``K == 1`` multi-query attention.
+    The softmax runs in float32, as in Hugging Face's eager attention.
+
+    >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    >>> attention(q, k, k, attention_mask(torch.arange(3), torch.arange(3))).shape
+    torch.Size([1, 4, 3, 8])
+    """
+    B, H, T, D = q.shape
+    K = k.size(1)
+    if H % K:
+        raise ValueError(f"{H} query heads cannot share {K} key/value heads evenly")
+    q = q.view(B, K, H // K, T, D)  # (B, K, G, T, D): query head h = group h // G, member h % G
+    k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, K, 1, S, D): one key/value head per group
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, K, G, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights, v)  # (B, K, G, T, D)
+    return out.view(B, H, T, D)
+
+
+# ---- KV caches -----------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, in buffers allocated once.
+
+    ``k`` and ``v`` are ``(B, K, max_seq_len, D)``. :meth:`update` writes the new keys and
+    values at their positions with ``index_copy_`` and returns the whole buffers;
+    :meth:`key_positions` gives the position of each slot, from which :func:`attention_mask`
+    builds the mask. Slots not yet written hold positions later than any query, so the causal
+    mask hides them: shapes never change, which is what ``torch.compile`` and CUDA graphs need.
+
+    >>> cache = KVCache(1, 2, 8, 4)
+    >>> cache.key_positions(torch.arange(3)).tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7]
+    >>> k, v = cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), torch.arange(3))
+    >>> k.shape, k[0, 0, :, 0].tolist()
+    (torch.Size([1, 2, 8, 4]), [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slot_pos", torch.arange(max_seq_len, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.size(2)
+
+    def reset(self) -> None:
+        """Forget every position, keeping the buffers (a compiled step keeps pointing at them)."""
+        self.k.zero_()
+        self.v.zero_()
+
+    def key_positions(self, positions: Tensor) -> Tensor:
+        """Positions ``(S,)`` of the keys :meth:`update` returns, for new tokens at ``positions``."""
+        return self.slot_pos
+
+    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``, ``v`` ``(B, K, T, D)`` at ``positions`` ``(T,)``; return all slots ``(B, K, S, D)``."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class RollingKVCache(nn.Module):
+    """A KV cache for sliding-window attention: ``window`` slots, reused in a circle.
+
+    A query at position ``p`` sees only positions ``p - window + 1 .. p``, so older keys are
+    never read again. Position ``p`` is stored in slot ``p % window``, overwriting position
+    ``p - window``, which has just fallen out of every later query's window. Memory stays at
+    ``window`` positions however long the sequence grows.
+
+    :meth:`update` returns the slots as they were *before* this call, followed by the new keys
+    (a chunk of many new tokens, such as a prompt, needs all of them), and only then writes
+    the last ``window`` new positions into their slots. ``slot_pos`` records the position in
+    each slot (-1 while empty); :meth:`key_positions`, called before :meth:`update`, gives the
+    positions of the keys it will return.
+
+    >>> cache = RollingKVCache(1, 1, window=3, head_dim=1)
+    >>> for p in range(5):
+    ...     _ = cache.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([p]))
+    >>> cache.slot_pos.tolist()  # positions 3 and 4 overwrote 0 and 1
+    [3, 4, 2]
+    >>> cache.key_positions(torch.tensor([5])).tolist()  # position 5 will see 3, 4 and itself
+    [3, 4, 2, 5]
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        window: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        shape = (batch_size, n_kv_heads, window, head_dim)
+        self.window = window
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slot_pos", torch.full((window,), -1, device=device), persistent=False)
+
+    def reset(self) -> None:
+        """Empty every slot, keeping the buffers."""
+        self.k.zero_()
+        self.v.zero_()
+        self.slot_pos.fill_(-1)
+
+    def key_positions(self, positions: Tensor) -> Tensor:
+        """Positions ``(W + T,)`` of the keys :meth:`update` will return for new ``positions``."""
+        return torch.cat((self.slot_pos, positions))
+
+    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Return earlier slots plus the new ``k``, ``v`` ``(B, K, T, D)``; then store the new ones.
+
+        Returns keys and values ``(B, K, W + T, D)``, in the order of :meth:`key_positions`.
+        """
+        keys = torch.cat((self.k, k), dim=2)  # (B, K, W + T, D)
+        values = torch.cat((self.v, v), dim=2)
+        n = min(k.size(2), self.window)  # only the last `window` new positions can be read again
+        slots = positions[-n:] % self.window
+        self.k.index_copy_(2, slots, k[:, :, -n:])
+        self.v.index_copy_(2, slots, v[:, :, -n:])
+        self.slot_pos.index_copy_(0, slots, positions[-n:])
+        return keys, values
+
+
+def kv_cache_bytes(
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    seq_len: int,
+    batch_size: int = 1,
+    bytes_per_value: int = 2,
+) -> int:
+    """Memory of a KV cache: a key and a value vector per layer, KV head and position.
+
+    ``2 * n_layers * n_kv_heads * head_dim * seq_len * batch_size * bytes_per_value``.
+    Llama-2-7B in 16-bit: 512 KiB per token, 2 GiB for a 4096-token context.
+
+    >>> kv_cache_bytes(32, 32, 128, seq_len=1) // 1024
+    512
+    >>> kv_cache_bytes(32, 32, 128, seq_len=4096) / 2**30
+    2.0
+    """
+    return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch_size * bytes_per_value

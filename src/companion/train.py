@@ -1,0 +1,452 @@
+"""Training a language model: AdamW, warmup + cosine schedule, clipping, evaluation, checkpoints.
+
+Works for any model that maps token ids ``(B, T)`` to logits ``(B, T, V)``. One step::
+
+    x, y = batch(step)                              # random windows (companion.data)
+    lr = lr_at(step)                                # linear warmup, then cosine decay
+    loss = cross_entropy(model(x), y)               # under bf16 autocast if asked
+    loss.backward(); clip_grad_norm_(..., 1.0); optimizer.step()
+
+Everything a step depends on is a function of the step number (the batch, the learning
+rate) or is saved in the checkpoint (weights, AdamW moments, the random number
+generator that drives dropout). So a run stopped at step ``s`` and resumed from its
+checkpoint computes exactly what the uninterrupted run computes: on a CPU, bit for bit.
+
+Command line (the larger Tiny Shakespeare run, for a GPU)::
+
+    COMPANION_DATA=/path/to/folder python -m companion.train --preset shakespeare-char-gpu \\
+        --device cuda --out shakespeare_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from companion.data import RandomWindows
+
+__all__ = [
+    "TRAIN_PRESETS",
+    "History",
+    "TrainConfig",
+    "Trainer",
+    "configure_optimizer",
+    "lm_loss",
+    "lr_at",
+    "plot_losses",
+]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``context_length=None`` takes the model's ``config.n_positions``.
+
+    ``lr_decay_steps=None`` decays over the whole run (``max_steps``). ``grad_clip=0``
+    turns clipping off. ``dtype="bfloat16"`` runs forward and loss under bf16 autocast
+    (weights and optimizer stay in float32). ``checkpoint_interval=0`` saves only at the end
+    (when ``checkpoint_dir`` is set).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    context_length: int | None = None
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    progress: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_interval", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.warmup_steps < 0 or self.checkpoint_interval < 0:
+            raise ValueError("warmup_steps and checkpoint_interval must be >= 0")
+        if not 0.0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+
+
+# ---- the pieces of one step -------------------------------------------------------------
+
+
+def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Learning rate at ``step`` (counted from 0): linear warmup, cosine decay, then flat.
+
+    Warmup climbs to ``max_lr`` over the first ``warmup_steps`` steps: early gradients
+    are large and Adam's moment estimates still poor, so big steps would throw the model
+    far off. The cosine then falls smoothly to ``min_lr`` at ``decay_steps``.
+
+    >>> [round(lr_at(s, 1.0, 0.1, warmup_steps=2, decay_steps=6), 3) for s in range(8)]
+    [0.5, 1.0, 1.0, 0.868, 0.55, 0.232, 0.1, 0.1]
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def configure_optimizer(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    device_type: str = "cpu",
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (Loshchilov and Hutter's decoupled decay).
+
+    Matrices (2-D and up: linear layers, embeddings) are decayed; biases and LayerNorm
+    gains are not: shrinking a gain towards 0 would switch a feature off rather than
+    regularise it. A tied matrix is one parameter and appears once. The fused CUDA kernel
+    is used when the device is a GPU and this PyTorch has it.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of logits ``(B, T, V)`` against targets ``(B, T)``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+# ---- the trainer -------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """What a run measured: per-step training loss and lr, and periodic evaluations."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_train_loss: list[float] = field(default_factory=list)
+    eval_val_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_tokens`` and evaluates on ``val_tokens``.
+
+    ``run()`` trains from the current step to ``until`` (default: ``max_steps``) and can be
+    called again to continue. ``save(dir)`` writes a checkpoint; a new Trainer built the
+    same way and given ``load(dir)`` continues as if never stopped.
+    """
+
+    def __init__(self, model: nn.Module, train_tokens, val_tokens, config: TrainConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        T = config.context_length or model.config.n_positions
+        self.context_length = T
+        self.train_batches = RandomWindows(train_tokens, config.batch_size, T, config.seed, self.device)
+        # Evaluation always uses the same windows, so successive evaluations are comparable.
+        self.eval_sets = {
+            "train": RandomWindows(train_tokens, config.batch_size, T, config.seed + 1, self.device),
+            "val": RandomWindows(val_tokens, config.batch_size, T, config.seed + 2, self.device),
+        }
+        self.optimizer = configure_optimizer(
+            self.model, config.learning_rate, config.weight_decay,
+            (config.beta1, config.beta2), self.device.type,
+        )
+        # The compiled wrapper runs the steps; self.model (the same weights) is what is saved.
+        self.forward_fn = torch.compile(self.model) if config.compile else self.model
+        self.step = 0
+        self.history = History()
+        self._pending: list[tuple[int, Tensor]] = []  # losses not yet copied to the CPU
+
+    # -- one step and evaluation --
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+
+    def lr(self, step: int) -> float:
+        c = self.config
+        return lr_at(step, c.learning_rate, c.min_lr, c.warmup_steps, c.lr_decay_steps or c.max_steps)
+
+    def train_step(self) -> Tensor:
+        """One optimisation step on batch number ``self.step``; returns the loss (on device)."""
+        self.model.train()
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = next(self.train_batches)  # batch number self.step
+        with self.autocast():
+            loss = lm_loss(self.forward_fn(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self._pending.append((self.step, loss.detach()))
+        self.history.lr.append(lr)
+        self.step += 1
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the fixed evaluation windows of each split."""
+        self.model.eval()
+        out = {}
+        for split, batches in self.eval_sets.items():
+            losses = torch.zeros(self.config.eval_batches, device=self.device)
+            for i in range(self.config.eval_batches):
+                x, y = batches.batch(i)
+                with self.autocast():
+                    losses[i] = lm_loss(self.forward_fn(x), y)
+            out[split] = losses.mean().item()
+        self.model.train()
+        return out
+
+    def _flush(self) -> None:
+        if self._pending:
+            values = torch.stack([loss for _, loss in self._pending]).float().cpu().tolist()
+            self.history.steps += [s for s, _ in self._pending]
+            self.history.train_loss += values
+            self._pending.clear()
+
+    def _record_eval(self) -> dict[str, float]:
+        losses = self.evaluate()
+        self.history.eval_steps.append(self.step)
+        self.history.eval_train_loss.append(losses["train"])
+        self.history.eval_val_loss.append(losses["val"])
+        return losses
+
+    def run(self, until: int | None = None) -> History:
+        """Train until step ``until`` (default ``max_steps``), evaluating every ``eval_interval``
+        steps and at the end of the run, checkpointing if ``checkpoint_dir`` is set."""
+        c = self.config
+        until = c.max_steps if until is None else until
+        if not self.step <= until <= c.max_steps:
+            raise ValueError(f"until={until} must be between the current step {self.step} and max_steps={c.max_steps}")
+        bar = tqdm(total=c.max_steps, initial=self.step, file=sys.stderr, disable=not c.progress,
+                   desc="training", unit="step", mininterval=1.0)
+        start = time.perf_counter()
+        while self.step < until:
+            self.train_step()
+            self.history.tokens += c.batch_size * self.context_length
+            bar.update(1)
+            if self.step % c.eval_interval == 0 or self.step == c.max_steps:
+                self._flush()
+                losses = self._record_eval()
+                bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
+            if c.checkpoint_dir and c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
+                self.save(c.checkpoint_dir)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.history.seconds += time.perf_counter() - start
+        bar.close()
+        self._flush()
+        if c.checkpoint_dir and until == c.max_steps:
+            self.save(c.checkpoint_dir)
+        return self.history
+
+    # -- checkpoints --
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors``, ``optimizer.pt`` and ``trainer.json`` into ``directory``.
+
+        ``optimizer.pt`` holds only tensors, numbers and containers, so it loads with
+        ``torch.load(weights_only=True)``: loading it cannot run code.
+        """
+        self._flush()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(directory / "model.safetensors"))  # tied weights stored once
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": rng}, directory / "optimizer.pt")
+        state = {
+            "step": self.step,
+            "train_batches": self.train_batches.state_dict(),
+            "history": self.history.to_dict(),
+            "train_config": asdict(self.config),
+            "model_config": _config_dict(self.model),
+        }
+        (directory / "trainer.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        """Restore weights, optimizer, random state, data position and history from ``directory``."""
+        directory = Path(directory)
+        state = json.loads((directory / "trainer.json").read_text(encoding="utf-8"))
+        if state["model_config"] != _config_dict(self.model):
+            raise ValueError(
+                f"checkpoint in {directory} is for a model with config {state['model_config']}, "
+                f"not {_config_dict(self.model)}"
+            )
+        load_model(self.model, str(directory / "model.safetensors"), device=str(self.device))
+        rest = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(rest["optimizer"])
+        torch.set_rng_state(rest["rng"]["cpu"].cpu())
+        if "cuda" in rest["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rest["rng"]["cuda"].cpu(), self.device)
+        self.step = int(state["step"])
+        self.train_batches.load_state_dict(state["train_batches"])
+        self.history = History(**state["history"])
+        self._pending.clear()
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any] | None:
+    config = getattr(model, "config", None)
+    return asdict(config) if config is not None and hasattr(config, "__dataclass_fields__") else None
+
+
+# ---- plots --------------------------------------------------------------------------------
+
+
+def plot_losses(history: History, title: str = "Training and validation loss", ax=None):
+    """Training loss per step (faint), and the periodic evaluations on both splits."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(history.steps, history.train_loss, color="C0", alpha=0.3, lw=0.8, label="train (batch)")
+    ax.plot(history.eval_steps, history.eval_train_loss, "o-", color="C0", ms=3, label="train (eval)")
+    ax.plot(history.eval_steps, history.eval_val_loss, "o-", color="C1", ms=3, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+# ---- Tiny Shakespeare, character level, from the command line --------------------------
+
+# name -> (GPTConfig fields, TrainConfig fields)
+TRAIN_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # Minutes on a laptop CPU.
+    "shakespeare-char-cpu": (
+        dict(n_layer=4, n_head=4, n_embd=128, n_positions=64, dropout=0.0),
+        dict(max_steps=1500, batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_steps=100,
+             beta2=0.99, eval_interval=250, eval_batches=10),
+    ),
+    # nanoGPT's Shakespeare-char configuration (about 1.47 validation loss in 5000 steps).
+    "shakespeare-char-gpu": (
+        dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, dropout=0.2, bias=False),
+        dict(max_steps=5000, batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
+             beta2=0.99, eval_interval=250, eval_batches=200, dtype="bfloat16", compile=True),
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from companion.char_tokenizer import CharTokenizer
+    from companion.data import load_tiny_shakespeare, train_val_split
+    from companion.device import seed_everything
+    from companion.generate import generate
+    from companion.gpt import GPT, GPTConfig
+
+    parser = argparse.ArgumentParser(description="Train a character-level GPT on Tiny Shakespeare.")
+    parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="shakespeare-char-cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    parser.add_argument("--max-steps", type=int, help="override the preset's number of steps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="override autocast dtype")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--checkpoint-dir", help="save a checkpoint here at the end")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    model_kw, train_kw = TRAIN_PRESETS[args.preset]
+    train_kw = {**train_kw, "device": args.device, "seed": args.seed, "progress": not args.no_progress,
+                "checkpoint_dir": args.checkpoint_dir}
+    if args.max_steps is not None:
+        train_kw["max_steps"] = args.max_steps
+    if args.dtype is not None:
+        train_kw["dtype"] = args.dtype
+    if args.compile is not None:
+        train_kw["compile"] = args.compile
+    if args.device == "cpu":
+        train_kw["dtype"] = args.dtype or "float32"
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    text = load_tiny_shakespeare()
+    tok = CharTokenizer.from_text(text)
+    train_ids, val_ids = train_val_split(torch.tensor(tok.encode(text)), 0.1)
+    seed_everything(args.seed)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, **model_kw))
+    config = TrainConfig(**train_kw)
+    trainer = Trainer(model, train_ids, val_ids, config)
+    print(f"{args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {config.max_steps} steps "
+          f"of {config.batch_size} x {trainer.context_length} tokens on {args.device}", flush=True)
+    history = trainer.run()
+    val = history.eval_val_loss[-1]
+    tokens_per_s = history.tokens / history.seconds
+    print(f"final validation loss {val:.4f} (best {min(history.eval_val_loss):.4f}), "
+          f"train loss {history.eval_train_loss[-1]:.4f}")
+    print(f"training time {history.seconds:.1f} s ({tokens_per_s:,.0f} tokens/s, evaluations included)")
+    prompt = torch.tensor([tok.encode("\n")], device=trainer.device)
+    gen = torch.Generator(device=trainer.device).manual_seed(args.seed)
+    sample = tok.decode(generate(model.eval(), prompt, 300, temperature=0.8, top_k=None, generator=gen,
+                                 context_length=model.config.n_positions)[0].tolist())
+    print("sample:\n" + sample)
+    result = {
+        "preset": args.preset,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "parameters": model.num_parameters(),
+        "final_val_loss": val,
+        "best_val_loss": min(history.eval_val_loss),
+        "final_train_loss": history.eval_train_loss[-1],
+        "seconds": history.seconds,
+        "tokens_per_s": tokens_per_s,
+        "model_config": asdict(model.config),
+        "train_config": asdict(config),
+        "history": {k: v for k, v in history.to_dict().items() if k not in ("steps", "train_loss", "lr")},
+        "sample": sample,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

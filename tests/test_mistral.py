@@ -1,0 +1,137 @@
+"""companion.mistral against Hugging Face's MistralForCausalLM, with a window shorter than the sequence."""
+
+import pytest
+import torch
+import transformers
+
+from companion.checkpoint import load_hf_state_dict
+from companion.decode import decode
+from companion.generate import generate
+from companion.layers import RollingKVCache
+from companion.llama import Llama, LlamaConfig
+from companion.mistral import Mistral, MistralConfig, count_parameters, hf_tensor_shapes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, which only stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WINDOW = 8
+CONFIG = MistralConfig.preset("tiny", sliding_window=WINDOW)
+
+
+def pair(config: MistralConfig = CONFIG, seed: int = 0):
+    """A Hugging Face model with random weights (eager attention) and ours with the same weights."""
+    torch.manual_seed(seed)
+    hf = transformers.MistralForCausalLM(
+        transformers.MistralConfig(**config.to_hf(), attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1 if p.dim() > 1 else 1.0)
+    ours = load_hf_state_dict(Mistral(config).eval(), hf.state_dict(), hf_tensor_shapes(config))
+    return hf, ours
+
+
+@pytest.mark.parametrize("B,T", [(1, 3), (2, WINDOW), (2, WINDOW + 1), (3, 3 * WINDOW + 5)])
+def test_logits_match_hugging_face_with_a_window_shorter_than_the_sequence(B, T):
+    hf, ours = pair()
+    idx = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_the_window_matters_a_llama_with_the_same_weights_differs_after_it():
+    hf, ours = pair()
+    full_attention = load_hf_state_dict(
+        Llama(LlamaConfig(**{k: v for k, v in CONFIG.to_hf().items() if k != "sliding_window"})),
+        hf.state_dict(), hf_tensor_shapes(CONFIG))
+    idx = torch.randint(0, 256, (1, 2 * WINDOW))
+    with torch.no_grad():
+        a, b = ours(idx), full_attention(idx)
+    assert torch.allclose(a[:, :WINDOW], b[:, :WINDOW], atol=1e-5)  # inside the window: the same
+    assert not torch.allclose(a[:, WINDOW:], b[:, WINDOW:], atol=1e-3)  # beyond it: not
+
+
+def test_generation_past_the_window_rolling_cache_equals_uncached_and_hugging_face():
+    hf, ours = pair()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    n = 4 * WINDOW  # far past the end of the window
+    uncached = generate(ours, prompt, n, temperature=0)
+    cached = generate(ours, prompt, n, temperature=0, use_cache=True)
+    assert all(isinstance(b.self_attn.cache, RollingKVCache) for b in ours.layers)
+    assert ours.layers[0].self_attn.cache.k.shape[2] == WINDOW  # the cache never grew
+    assert torch.equal(cached, uncached)
+    assert torch.equal(decode(ours, prompt, n), uncached)
+    hf.generation_config.eos_token_id = None
+    reference = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
+    assert torch.equal(uncached, reference)
+    assert len(set(uncached[0, 5:].tolist())) > 3
+
+
+def test_rolling_cache_gives_the_full_logits_at_every_step_and_for_a_long_prompt():
+    _, ours = pair()
+    idx = torch.randint(0, 256, (2, 3 * WINDOW))
+    with torch.no_grad():
+        full = ours(idx)
+        ours.setup_cache(2, 3 * WINDOW)
+        prompt = 2 * WINDOW - 3  # a prompt longer than the window, in one chunk
+        steps = [ours(idx[:, :prompt], start_pos=0)]
+        steps += [ours(idx[:, t:t + 1], start_pos=t) for t in range(prompt, 3 * WINDOW)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_a_plain_cache_with_the_window_mask_is_exact_too_but_grows():
+    _, ours = pair()
+    prompt = torch.randint(0, 256, (1, 4))
+    rolling = decode(ours, prompt, 3 * WINDOW)
+    ours.setup_cache(1, 4 + 3 * WINDOW, rolling=False)
+    assert ours.layers[0].self_attn.cache.k.shape[2] == 4 + 3 * WINDOW
+    assert torch.equal(generate(ours, prompt, 3 * WINDOW, temperature=0), rolling)
+
+
+def test_no_window_is_full_attention_like_llama():
+    config = MistralConfig.preset("tiny", sliding_window=None)
+    hf, ours = pair(config)
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-5)
+    prompt = idx[:, :4]
+    assert torch.equal(generate(ours, prompt, 12, temperature=0, use_cache=True),
+                       generate(ours, prompt, 12, temperature=0))
+
+
+def test_parameter_counts_from_the_config():
+    assert count_parameters(MistralConfig.preset("mistral-7b-v0.1")) == 7_241_732_096  # published
+    for name in ["mistral-7b-v0.1", "tiny"]:
+        config = MistralConfig.preset(name)
+        with torch.device("meta"):
+            hf = transformers.MistralForCausalLM(transformers.MistralConfig(**config.to_hf()))
+            ours = Mistral(config)
+        assert count_parameters(config) == sum(p.numel() for p in hf.parameters()) \
+            == sum(p.numel() for p in ours.parameters())
+
+
+def test_config_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="sliding_window=0 must be a positive int or None"):
+        MistralConfig.preset("tiny", sliding_window=0)
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by num_key_value_heads=3"):
+        MistralConfig.preset("tiny", num_key_value_heads=3)
+
+
+def test_setup_cache_reuses_buffers_of_the_same_shape_and_forgets_the_last_sequence():
+    _, ours = pair()
+    first, second = torch.randint(0, 256, (2, 1, 5), generator=torch.Generator().manual_seed(4))
+    decode(ours, first, 3 * WINDOW)
+    buffers = [b.self_attn.cache.k for b in ours.layers]
+    again = decode(ours, second, 3 * WINDOW)
+    assert all(b.self_attn.cache.k is k for b, k in zip(ours.layers, buffers))  # same memory: compiled steps stay valid
+    assert torch.equal(again, generate(ours, second, 3 * WINDOW, temperature=0))
+    ours.setup_cache(1, 3 * WINDOW)
+    assert (ours.layers[0].self_attn.cache.slot_pos == -1).all()
