@@ -241,3 +241,31 @@ def test_plot_losses_draws_three_curves():
                       eval_steps=[2], eval_train_loss=[1.4], eval_val_loss=[1.6])
     ax = plot_losses(history)
     assert len(ax.get_lines()) == 3 and ax.get_xlabel() == "step"
+
+
+def test_command_line_run_writes_its_result(tmp_path, capsys):
+    from companion.train import main
+
+    out = tmp_path / "result.json"
+    result = main(["--preset", "shakespeare-char-cpu", "--max-steps", "2", "--eval-batches", "1",
+                   "--sample-length", "5", "--no-progress", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["final_val_loss"] == result["final_val_loss"] < math.log(65) + 0.5
+    assert written["model_config"]["n_layer"] == 4 and written["train_config"]["max_steps"] == 2
+    assert len(written["sample"]) == 6  # the prompt "\n" and five characters
+    assert "final validation loss" in capsys.readouterr().out
+
+
+def test_save_best_keeps_the_checkpoint_with_the_lowest_validation_loss(tmp_path):
+    # Validation text from another phrase: the more the model learns its training phrase,
+    # the worse it predicts the other one, so the best checkpoint is an early one.
+    config = small_config(max_steps=12, eval_interval=3, learning_rate=1e-2, checkpoint_dir=str(tmp_path), save_best=True)
+    trainer = Trainer(tiny_model(), tokens()[:3000], tokens(seed=1)[:1000], config)
+    history = trainer.run()
+    assert history.eval_val_loss[0] < min(history.eval_val_loss[1:])
+    best = json.loads((tmp_path / "best" / "trainer.json").read_text())
+    assert best["step"] == 3 and best["history"]["eval_val_loss"] == history.eval_val_loss[:1]
+    assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 12  # the last one too
+    restored = Trainer(tiny_model(seed=5), tokens()[:3000], tokens(seed=1)[:1000], config)
+    restored.load(tmp_path / "best")
+    assert restored.evaluate()["val"] == history.eval_val_loss[0]

@@ -57,7 +57,9 @@ class TrainConfig:
     ``lr_decay_steps=None`` decays over the whole run (``max_steps``). ``grad_clip=0``
     turns clipping off. ``dtype="bfloat16"`` runs forward and loss under bf16 autocast
     (weights and optimizer stay in float32). ``checkpoint_interval=0`` saves only at the end
-    (when ``checkpoint_dir`` is set).
+    (when ``checkpoint_dir`` is set). ``save_best=True`` also keeps, in ``checkpoint_dir/best``,
+    the checkpoint with the lowest validation loss seen so far: a model that starts to overfit
+    is best taken from there, not from the last step.
     """
 
     max_steps: int = 1000
@@ -80,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     checkpoint_dir: str | None = None
     checkpoint_interval: int = 0
+    save_best: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "eval_interval", "eval_batches"):
@@ -274,6 +277,8 @@ class Trainer:
                 self._flush()
                 losses = self._record_eval()
                 bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
+                if c.checkpoint_dir and c.save_best and losses["val"] <= min(self.history.eval_val_loss):
+                    self.save(Path(c.checkpoint_dir) / "best")
             if c.checkpoint_dir and c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
                 self.save(c.checkpoint_dir)
         if self.device.type == "cuda":
@@ -370,7 +375,8 @@ TRAIN_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "shakespeare-char-gpu": (
         dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, dropout=0.2, bias=False),
         dict(max_steps=5000, batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
-             beta2=0.99, eval_interval=250, eval_batches=200, dtype="bfloat16", compile=True),
+             beta2=0.99, eval_interval=250, eval_batches=200, dtype="bfloat16", compile=True,
+             save_best=True),  # it overfits after about 2000 steps: keep the best checkpoint
     ),
 }
 
@@ -390,8 +396,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="override autocast dtype")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--seed", type=int, default=1337, help="seeds the initial weights and the sample")
-    parser.add_argument("--checkpoint-dir", help="save a checkpoint here at the end")
+    parser.add_argument("--checkpoint-dir", help="save a checkpoint here at the end (and the best in best/)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--sample-length", type=int, default=300, help="characters to generate at the end")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -426,14 +433,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"of {config.batch_size} x {trainer.context_length} tokens on {args.device}", flush=True)
     history = trainer.run()
     val = history.eval_val_loss[-1]
+    best = min(history.eval_val_loss)
+    best_step = history.eval_steps[history.eval_val_loss.index(best)]
     tokens_per_s = history.tokens / history.seconds
-    print(f"final validation loss {val:.4f} (best {min(history.eval_val_loss):.4f}), "
+    print(f"final validation loss {val:.4f} (best {best:.4f} at step {best_step}), "
           f"train loss {history.eval_train_loss[-1]:.4f}")
     print(f"wall time {history.seconds:.1f} s, of which evaluation {history.eval_seconds:.1f} s "
           f"({tokens_per_s:,.0f} training tokens/s overall)")
     prompt = torch.tensor([tok.encode("\n")], device=trainer.device)
     gen = torch.Generator(device=trainer.device).manual_seed(args.seed)
-    sample = tok.decode(generate(model.eval(), prompt, 300, temperature=0.8, top_k=None, generator=gen,
+    sample = tok.decode(generate(model.eval(), prompt, args.sample_length, temperature=0.8, top_k=None, generator=gen,
                                  context_length=model.config.n_positions)[0].tolist())
     print("sample:\n" + sample)
     result = {
@@ -443,7 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "parameters": model.num_parameters(),
         "final_val_loss": val,
-        "best_val_loss": min(history.eval_val_loss),
+        "best_val_loss": best,
+        "best_step": best_step,
         "final_train_loss": history.eval_train_loss[-1],
         "seconds": history.seconds,
         "eval_seconds": history.eval_seconds,
