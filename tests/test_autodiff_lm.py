@@ -24,12 +24,6 @@ from companion.autodiff.optim import AdamW
 TINY = TinyLMConfig(vocab_size=13, block_size=8, n_embd=16, n_head=4, n_layer=2, dtype="float64")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_same_weights_give_the_same_logits_loss_and_gradients_as_torch():

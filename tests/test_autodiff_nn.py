@@ -16,12 +16,6 @@ OPS = settings(max_examples=200, deadline=None, database=None,
 seeds = st.integers(0, 2**32 - 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_module_finds_parameters_with_dotted_names():

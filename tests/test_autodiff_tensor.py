@@ -28,14 +28,6 @@ shapes = array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=4)
 shapes_1d = array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Thousands of tiny torch calls: threads only add synchronisation (and, on a busy
-    machine, long waits for a descheduled OpenMP worker). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def compare(ours_fn, torch_fn, arrays, rng, grads=None):

@@ -24,12 +24,6 @@ away_from_zero = st.one_of(st.floats(-3.0, -0.2), st.floats(0.2, 3.0))
 positive = st.floats(0.1, 3.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def both(fn, *xs):

@@ -15,13 +15,6 @@ from companion.mistral import Mistral, MistralConfig
 from companion.phi import Phi, PhiConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, which only stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 FAMILIES = {
     "llama": (Llama, LlamaConfig.preset("tiny", num_key_value_heads=2), transformers.LlamaForCausalLM,

@@ -22,13 +22,6 @@ from companion.layers import (KVCache, RMSNorm, RollingKVCache, SwiGLU, apply_ro
 FAST = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, which only stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------

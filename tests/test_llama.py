@@ -10,13 +10,6 @@ from companion.generate import generate
 from companion.llama import Llama, LlamaConfig, count_parameters, hf_tensor_shapes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, which only stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pair(config: LlamaConfig, seed: int = 0):

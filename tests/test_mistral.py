@@ -12,13 +12,6 @@ from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig, count_parameters, hf_tensor_shapes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, which only stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 WINDOW = 8

@@ -12,13 +12,6 @@ from companion.generate import generate
 from companion.phi import Phi, PhiConfig, count_parameters, hf_tensor_shapes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, which only stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CONFIG = PhiConfig.preset("tiny")  # head_dim 20, partial_rotary_factor 0.4: 8 rotated features
 
