@@ -9,9 +9,12 @@ reads every weight once (except the embedding table, of which it reads one row),
 
     # CPU (default): a Llama-shaped model of about 220M parameters in float32
     .venv/bin/python benchmarks/decode.py
-    # GPU: a Llama-2-7B-shaped model in bfloat16; add --compile for torch.compile + CUDA graphs
+    # GPU: a Llama-2-7B-shaped model in bfloat16
     python benchmarks/decode.py --device cuda
-    python benchmarks/decode.py --device cuda --compile
+
+Each run times Hugging Face ``generate``, our eager loop and our loop with the step compiled
+by :func:`companion.decode.compile_step` (on a CPU, tens of seconds of compilation first, not
+counted; ``--no-compile`` skips it).
 
 Timings on a shared machine are noisy: run it twice and compare the ratios, not the digits.
 """
@@ -25,7 +28,7 @@ import time
 import torch
 
 from companion.checkpoint import hf_state_dict
-from companion.decode import decode
+from companion.decode import compile_step, decode
 from companion.llama import Llama, LlamaConfig, count_parameters
 
 SIZES = {
@@ -98,8 +101,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time our decoding step under torch.compile (CUDA graphs on a GPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time our decoding step under torch.compile (CUDA graphs on a GPU); "
+                             "--no-compile skips it")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's memory bandwidth in GB/s (default: 3350 for CUDA, an H100 SXM)")
     args = parser.parse_args()
@@ -131,9 +135,7 @@ def main() -> None:
         "ours, eager": lambda: decode(ours, prompt, n),
     }
     if args.compile:
-        def one_token(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return ours(tok, start_pos=pos, last_only=True)
-        step = torch.compile(one_token, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
+        step = compile_step(ours)
         runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, step=step)
     runs = interleaved(runners, device, args.repeats)
 

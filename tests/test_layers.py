@@ -15,13 +15,39 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers.models.llama import modeling_llama as hf_llama
 from transformers.models.phi import modeling_phi as hf_phi
 
-from companion.layers import (KVCache, RMSNorm, RollingKVCache, SwiGLU, apply_rope, apply_rope_interleaved,
+from companion.layers import (KVCache, Linear, RMSNorm, RollingKVCache, SwiGLU, apply_rope, apply_rope_interleaved,
                               attention, attention_mask, half_split_to_interleaved, interleaved_to_half_split,
                               kv_cache_bytes, kv_head_of, rope_cos_sin, rope_inv_freq, rotate_half)
 
 FAST = settings(max_examples=25, deadline=None)
 
 
+
+
+# ---- Linear ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_nn_linear_in_eager_mode(bias):
+    torch.manual_seed(0)
+    ours, ref = Linear(12, 5, bias=bias), torch.nn.Linear(12, 5, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    for shape in [(1, 1, 12), (3, 4, 12), (12,)]:
+        x = torch.randn(shape)
+        assert torch.equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_compiled_on_cpu_matches_nn_linear_for_one_row_and_many(bias):
+    torch.manual_seed(0)
+    ours, ref = Linear(48, 20, bias=bias), torch.nn.Linear(48, 20, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    compiled = torch.compile(ours, fullgraph=True, dynamic=False)
+    for shape in [(1, 1, 48), (1, 48), (2, 3, 48)]:  # one row (the multiply-and-sum path), several rows
+        x = torch.randn(shape)
+        y = compiled(x)
+        assert y.shape == ref(x).shape
+        assert torch.allclose(y, ref(x), atol=1e-6)
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------

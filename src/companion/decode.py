@@ -14,7 +14,8 @@ as :class:`~companion.llama.Llama`, :class:`~companion.mistral.Mistral` and
 * tokens are written into a preallocated output tensor, not concatenated.
 
 It gives the same tokens as ``generate(model, idx, n, temperature=0, use_cache=True)``
-(tested per model).
+(tested per model). :func:`compile_step` compiles the one-token step: on a GPU as a CUDA
+graph, on a CPU with the matrix-vector fast path of :class:`companion.layers.Linear`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from companion.generate import sample_next
 
-__all__ = ["decode"]
+__all__ = ["compile_step", "decode"]
 
 
 @torch.no_grad()
@@ -65,3 +66,23 @@ def decode(
             pos = torch.tensor(t, device=idx.device)  # a tensor, so a compiled step sees one shape
             logits = step(out[:, t : t + 1], pos)[:, -1]  # (B, V)
     return out
+
+
+def compile_step(model: nn.Module, *, mode: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``model``'s one-token decoding step, compiled with ``torch.compile``; pass it to :func:`decode`.
+
+    On a GPU the default ``mode="reduce-overhead"`` records the whole step as one CUDA graph,
+    replayed for every token: no Python and no kernel-launch cost per layer. On a CPU,
+    Inductor fuses the step's small operations, and the model's
+    :class:`~companion.layers.Linear` layers become bandwidth-bound loops over their
+    weights. Compiling takes tens of seconds on a CPU, once per model and batch size: it pays
+    off for long or repeated generations, not for a single short one.
+    """
+    device = next(model.parameters()).device
+    if mode is None and device.type == "cuda":
+        mode = "reduce-overhead"
+
+    def one_token(tok: Tensor, pos: Tensor) -> Tensor:
+        return model(tok, start_pos=pos, last_only=True)
+
+    return torch.compile(one_token, mode=mode, fullgraph=True)

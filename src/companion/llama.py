@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from companion import checkpoint
-from companion.layers import KVCache, RMSNorm, SwiGLU, apply_rope, attention, attention_mask, rope_cos_sin
+from companion.layers import KVCache, Linear, RMSNorm, SwiGLU, apply_rope, attention, attention_mask, rope_cos_sin
 
 __all__ = ["PRESETS", "Attention", "Block", "Llama", "LlamaConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -175,10 +175,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         C, D = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(C, self.n_heads * D, bias=False)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * D, C, bias=False)
+        self.q_proj = Linear(C, self.n_heads * D, bias=False)
+        self.k_proj = Linear(C, self.n_kv_heads * D, bias=False)
+        self.v_proj = Linear(C, self.n_kv_heads * D, bias=False)
+        self.o_proj = Linear(self.n_heads * D, C, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
@@ -222,7 +222,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion import checkpoint
-from companion.layers import KVCache, apply_rope, attention, attention_mask, rope_cos_sin
+from companion.layers import KVCache, Linear, apply_rope, attention, attention_mask, rope_cos_sin
 
 __all__ = ["PRESETS", "Attention", "Block", "MLP", "Phi", "PhiConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -171,10 +171,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
         C = config.hidden_size
-        self.q_proj = nn.Linear(C, C)
-        self.k_proj = nn.Linear(C, C)
-        self.v_proj = nn.Linear(C, C)
-        self.dense = nn.Linear(C, C)
+        self.q_proj = Linear(C, C)
+        self.k_proj = Linear(C, C)
+        self.v_proj = Linear(C, C)
+        self.dense = Linear(C, C)
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
@@ -194,8 +194,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -229,7 +229,7 @@ class Phi(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
