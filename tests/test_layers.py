@@ -50,6 +50,22 @@ def test_linear_compiled_on_cpu_matches_nn_linear_for_one_row_and_many(bias):
         assert torch.allclose(y, ref(x), atol=1e-6)
 
 
+def test_linear_traces_one_row_as_multiply_and_sum_and_several_as_linear():
+    def traced_ops(x: torch.Tensor) -> set[str]:
+        graphs = []
+
+        def record(gm, example_inputs):  # a torch.compile backend that keeps the traced graph
+            graphs.append(gm)
+            return gm.forward
+
+        torch.compile(Linear(8, 4), backend=record, fullgraph=True, dynamic=False)(x)
+        return {str(node.target) for node in graphs[0].graph.nodes if node.op in ("call_function", "call_method")}
+
+    one_row, rows = traced_ops(torch.randn(1, 1, 8)), traced_ops(torch.randn(3, 8))
+    assert "sum" in one_row and not any("linear" in op for op in one_row)
+    assert any("linear" in op for op in rows) and "sum" not in rows
+
+
 # ---- RMSNorm ---------------------------------------------------------------------------------
 
 

@@ -56,6 +56,12 @@ __all__ = [
 # ---- linear layers -------------------------------------------------------------------------
 
 
+def _compiling() -> bool:
+    """True while ``torch.compile`` traces the code (``torch.compiler.is_compiling``, torch >= 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same ``state_dict``), plus a fast path for decoding.
 
@@ -73,7 +79,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.size(-1):
+        if _compiling() and x.device.type == "cpu" and x.numel() == x.size(-1):
             y = (self.weight * x.reshape(1, -1)).sum(-1)  # (out,): one pass over the weights
             if self.bias is not None:
                 y = y + self.bias
