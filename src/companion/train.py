@@ -16,6 +16,14 @@ Command line (the larger Tiny Shakespeare run, for a GPU)::
 
     COMPANION_DATA=/path/to/folder python -m companion.train --preset shakespeare-char-gpu \\
         --device cuda --out shakespeare_gpu.json
+
+Under ``torchrun`` the same command trains with DistributedDataParallel (data parallelism):
+each of the ``world_size`` processes holds the whole model, takes its own ``batch_size``
+rows of one global batch of ``batch_size * world_size`` windows, and the gradients are
+averaged across processes during the backward pass, so every process takes the same
+optimizer step. On a CPU the processes talk over ``gloo``, on GPUs over ``nccl``::
+
+    torchrun --standalone --nproc_per_node 2 -m companion.train --max-steps 100
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
@@ -47,6 +57,7 @@ __all__ = [
     "lm_loss",
     "lr_at",
     "plot_losses",
+    "rank_and_world_size",
 ]
 
 
@@ -95,6 +106,13 @@ class TrainConfig:
             raise ValueError(f"min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` unless ``torch.distributed`` is set up."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 # ---- the pieces of one step -------------------------------------------------------------
@@ -176,6 +194,13 @@ class Trainer:
     ``run()`` trains from the current step to ``until`` (default: ``max_steps``) and can be
     called again to continue. ``save(dir)`` writes a checkpoint; a new Trainer built the
     same way and given ``load(dir)`` continues as if never stopped.
+
+    If ``torch.distributed`` is initialised (``torchrun``), the model is wrapped in
+    DistributedDataParallel and this process trains on rows ``rank * batch_size`` to
+    ``(rank + 1) * batch_size`` of a global batch of ``batch_size * world_size`` windows: the
+    same steps as one process with the whole global batch. Every process evaluates the same
+    global-batch windows, so all report the numbers of that one process; only rank 0 shows
+    progress and writes checkpoints.
     """
 
     def __init__(self, model: nn.Module, train_tokens, val_tokens, config: TrainConfig) -> None:
@@ -184,18 +209,31 @@ class Trainer:
         self.model = model.to(self.device)
         T = config.context_length or model.config.n_positions
         self.context_length = T
-        self.train_batches = RandomWindows(train_tokens, config.batch_size, T, config.seed, self.device)
+        self.rank, self.world_size = rank_and_world_size()
+        # One global batch per step, the same on every process; each process takes its rows.
+        self.train_batches = RandomWindows(train_tokens, config.batch_size * self.world_size, T, config.seed,
+                                           self.device)
         # Evaluation always uses the same windows, so successive evaluations are comparable.
+        # With several processes, each evaluates the whole global batch: the numbers of one process.
+        global_batch = config.batch_size * self.world_size
         self.eval_sets = {
-            "train": RandomWindows(train_tokens, config.batch_size, T, config.seed + 1, self.device),
-            "val": RandomWindows(val_tokens, config.batch_size, T, config.seed + 2, self.device),
+            "train": RandomWindows(train_tokens, global_batch, T, config.seed + 1, self.device),
+            "val": RandomWindows(val_tokens, global_batch, T, config.seed + 2, self.device),
         }
         self.optimizer = configure_optimizer(
             self.model, config.learning_rate, config.weight_decay,
             (config.beta1, config.beta2), self.device.type,
         )
-        # The compiled wrapper runs the steps; self.model (the same weights) is what is saved.
-        self.forward_fn = torch.compile(self.model) if config.compile else self.model
+        # The (compiled, distributed) wrapper runs the steps; self.model (the same weights) is saved.
+        train_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward_fn = torch.compile(train_model) if config.compile else train_model
+        # Evaluation needs no gradient averaging: the plain model, on every process alike.
+        self.eval_fn = self.forward_fn if self.world_size == 1 else self.model
         self.step = 0
         self.history = History()
         self._pending: list[tuple[int, Tensor]] = []  # losses not yet copied to the CPU
@@ -216,6 +254,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = next(self.train_batches)  # batch number self.step
+        if self.world_size > 1:  # this process's rows of the global batch
+            rows = slice(self.rank * self.config.batch_size, (self.rank + 1) * self.config.batch_size)
+            x, y = x[rows], y[rows]
         with self.autocast():
             loss = lm_loss(self.forward_fn(x), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,7 +279,7 @@ class Trainer:
             for i in range(self.config.eval_batches):
                 x, y = batches.batch(i)
                 with self.autocast():
-                    losses[i] = lm_loss(self.forward_fn(x), y)
+                    losses[i] = lm_loss(self.eval_fn(x), y)
             out[split] = losses.mean().item()
         self.model.train()
         return out
@@ -266,27 +307,28 @@ class Trainer:
         until = c.max_steps if until is None else until
         if not self.step <= until <= c.max_steps:
             raise ValueError(f"until={until} must be between the current step {self.step} and max_steps={c.max_steps}")
-        bar = tqdm(total=c.max_steps, initial=self.step, file=sys.stderr, disable=not c.progress,
+        bar = tqdm(total=c.max_steps, initial=self.step, file=sys.stderr, disable=not c.progress or self.rank > 0,
                    desc="training", unit="step", mininterval=1.0)
+        writer = bool(c.checkpoint_dir) and self.rank == 0  # one process writes checkpoints
         start = time.perf_counter()
         while self.step < until:
             self.train_step()
-            self.history.tokens += c.batch_size * self.context_length
+            self.history.tokens += c.batch_size * self.world_size * self.context_length
             bar.update(1)
             if self.step % c.eval_interval == 0 or self.step == c.max_steps:
                 self._flush()
                 losses = self._record_eval()
                 bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
-                if c.checkpoint_dir and c.save_best and losses["val"] <= min(self.history.eval_val_loss):
+                if writer and c.save_best and losses["val"] <= min(self.history.eval_val_loss):
                     self.save(Path(c.checkpoint_dir) / "best")
-            if c.checkpoint_dir and c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
+            if writer and c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
                 self.save(c.checkpoint_dir)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.history.seconds += time.perf_counter() - start
         bar.close()
         self._flush()
-        if c.checkpoint_dir and until == c.max_steps:
+        if writer and until == c.max_steps:
             self.save(c.checkpoint_dir)
         return self.history
 
@@ -382,16 +424,11 @@ TRAIN_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from companion.char_tokenizer import CharTokenizer
-    from companion.data import load_tiny_shakespeare, train_val_split
-    from companion.device import seed_everything
-    from companion.generate import generate
-    from companion.gpt import GPT, GPTConfig
-
     parser = argparse.ArgumentParser(description="Train a character-level GPT on Tiny Shakespeare.")
     parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="shakespeare-char-cpu")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     parser.add_argument("--max-steps", type=int, help="override the preset's number of steps")
+    parser.add_argument("--batch-size", type=int, help="override the preset's batch size (per process under torchrun)")
     parser.add_argument("--eval-batches", type=int, help="override the batches per evaluation")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="override autocast dtype")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -401,12 +438,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sample-length", type=int, default=300, help="characters to generate at the end")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per device
+        return _main_distributed(args)
+    return _main(args)
 
+
+def _main_distributed(args: argparse.Namespace) -> dict[str, Any]:
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if cuda:
+            local_rank = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local_rank)
+            args.device = f"cuda:{local_rank}"
+        return _main(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    from companion.char_tokenizer import CharTokenizer
+    from companion.data import load_tiny_shakespeare, train_val_split
+    from companion.device import seed_everything
+    from companion.generate import generate
+    from companion.gpt import GPT, GPTConfig
+
+    rank, world_size = rank_and_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks for all
     model_kw, train_kw = TRAIN_PRESETS[args.preset]
     train_kw = {**train_kw, "device": args.device, "progress": not args.no_progress,
                 "checkpoint_dir": args.checkpoint_dir}
     if args.max_steps is not None:
         train_kw["max_steps"] = args.max_steps
+    if args.batch_size is not None:
+        train_kw["batch_size"] = args.batch_size
     if args.eval_batches is not None:
         train_kw["eval_batches"] = args.eval_batches
     if args.dtype is not None:
@@ -419,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if train_kw.get("dtype") == "bfloat16" and torch.cuda.get_device_capability()[0] < 8:
-            print("this GPU has no native bfloat16 (it needs compute capability 8.0): training in float32")
+            say("this GPU has no native bfloat16 (it needs compute capability 8.0): training in float32")
             train_kw["dtype"] = "float32"
 
     text = load_tiny_shakespeare()
@@ -429,25 +494,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, **model_kw))
     config = TrainConfig(**train_kw)
     trainer = Trainer(model, train_ids, val_ids, config)
-    print(f"{args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {config.max_steps} steps "
-          f"of {config.batch_size} x {trainer.context_length} tokens on {args.device}", flush=True)
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    say(f"{args.preset}: {model.num_parameters() / 1e6:.2f}M parameters, {config.max_steps} steps "
+        f"of {config.batch_size}{processes} x {trainer.context_length} tokens on {args.device}", flush=True)
     history = trainer.run()
     val = history.eval_val_loss[-1]
     best = min(history.eval_val_loss)
     best_step = history.eval_steps[history.eval_val_loss.index(best)]
     tokens_per_s = history.tokens / history.seconds
-    print(f"final validation loss {val:.4f} (best {best:.4f} at step {best_step}), "
-          f"train loss {history.eval_train_loss[-1]:.4f}")
-    print(f"wall time {history.seconds:.1f} s, of which evaluation {history.eval_seconds:.1f} s "
-          f"({tokens_per_s:,.0f} training tokens/s overall)")
+    say(f"final validation loss {val:.4f} (best {best:.4f} at step {best_step}), "
+        f"train loss {history.eval_train_loss[-1]:.4f}")
+    say(f"wall time {history.seconds:.1f} s, of which evaluation {history.eval_seconds:.1f} s "
+        f"({tokens_per_s:,.0f} training tokens/s overall)")
     prompt = torch.tensor([tok.encode("\n")], device=trainer.device)
     gen = torch.Generator(device=trainer.device).manual_seed(args.seed)
     sample = tok.decode(generate(model.eval(), prompt, args.sample_length, temperature=0.8, top_k=None, generator=gen,
                                  context_length=model.config.n_positions)[0].tolist())
-    print("sample:\n" + sample)
+    say("sample:\n" + sample)
     result = {
         "preset": args.preset,
         "device": args.device,
+        "world_size": world_size,
         "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "parameters": model.num_parameters(),
@@ -463,9 +530,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "history": {k: v for k, v in history.to_dict().items() if k not in ("steps", "train_loss", "lr")},
         "sample": sample,
     }
-    if args.out:
+    if args.out and rank == 0:
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-        print(f"wrote {args.out}")
+        say(f"wrote {args.out}")
     return result
 
 
