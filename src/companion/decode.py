@@ -76,7 +76,9 @@ def compile_step(model: nn.Module, *, mode: str | None = None) -> Callable[[Tens
     Inductor fuses the step's small operations, and the model's
     :class:`~companion.layers.Linear` layers become bandwidth-bound loops over their
     weights. Compiling takes tens of seconds on a CPU, once per model and batch size: it pays
-    off for long or repeated generations, not for a single short one.
+    off for long or repeated generations, not for a single short one. On a CPU, Inductor
+    needs a C++ compiler (gcc or clang; Colab, Kaggle and most Linux and macOS machines have
+    one).
     """
     device = next(model.parameters()).device
     if mode is None and device.type == "cuda":
