@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from companion.bench import synchronize
 from companion.checkpoint import hf_state_dict
 from companion.decode import compile_step, decode
 from companion.llama import Llama, LlamaConfig, count_parameters
@@ -40,11 +41,6 @@ SIZES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> tuple[Llama, torch.nn.Module]:
@@ -83,10 +79,10 @@ def interleaved(runners: dict, device: torch.device, repeats: int) -> dict:
     times: dict = {name: [] for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             outputs[name] = fn()
-            sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: (outputs[name], statistics.median(times[name])) for name in runners}
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from companion.bench import synchronize
 from companion.gpt import gpt_from_hf
 from companion.train import configure_optimizer
 
@@ -44,11 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak, for MFU (GPU only)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> dict:
@@ -96,16 +92,16 @@ def main(argv=None) -> dict:
     for name, step in steps.items():  # warm up: allocator, kernels, compilation
         for i in range(args.warmup):
             step(batches[i % len(batches)])
-    sync(device)
+    synchronize(device)
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for b in batches:
                 step(b)
-            sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - start) / len(batches))
 
     tokens_per_step = args.batch * args.context

@@ -13,7 +13,7 @@ to memory bandwidth: the *roofline* model (Williams, Waterman and Patterson, 200
   ``torch.utils.flop_counter.FlopCounterMode`` and the models' own parameters in the tests.
 * :func:`roofline_seconds`: the lower bound on the time of a piece of work.
 * :func:`measure_bandwidth`, :func:`measure_matmul_flops`, :func:`median_seconds`: the
-  reader's own machine, measured.
+  reader's own machine, measured; :func:`synchronize` waits for a GPU before a clock is read.
 * :data:`H100_SXM`: the data-centre reference the book's GPU results were taken on.
 """
 
@@ -37,6 +37,7 @@ __all__ = [
     "measure_matmul_flops",
     "median_seconds",
     "roofline_seconds",
+    "synchronize",
     "training_flops_per_token",
 ]
 
@@ -175,7 +176,9 @@ def roofline_seconds(flops: float, bytes_moved: float, peak: Peak) -> float:
     return max(flops / peak.flops, bytes_moved / peak.bandwidth)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the work queued on ``device`` has finished (GPUs run it asynchronously)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -195,10 +198,10 @@ def median_seconds(fn: Callable[[], Any], device: torch.device | str = "cpu", re
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

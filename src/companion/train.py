@@ -211,11 +211,10 @@ class Trainer:
         self.context_length = T
         self.rank, self.world_size = rank_and_world_size()
         # One global batch per step, the same on every process; each process takes its rows.
-        self.train_batches = RandomWindows(train_tokens, config.batch_size * self.world_size, T, config.seed,
-                                           self.device)
+        global_batch = config.batch_size * self.world_size
+        self.train_batches = RandomWindows(train_tokens, global_batch, T, config.seed, self.device)
         # Evaluation always uses the same windows, so successive evaluations are comparable.
         # With several processes, each evaluates the whole global batch: the numbers of one process.
-        global_batch = config.batch_size * self.world_size
         self.eval_sets = {
             "train": RandomWindows(train_tokens, global_batch, T, config.seed + 1, self.device),
             "val": RandomWindows(val_tokens, global_batch, T, config.seed + 2, self.device),
