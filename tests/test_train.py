@@ -148,8 +148,8 @@ def test_progress_bar_writes_to_stderr_only(capsys):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="dtype='float16'"):
-        small_config(dtype="float16")
+    with pytest.raises(ValueError, match="dtype='fp16' must be one of 'auto', 'float32', 'bfloat16', 'float16'"):
+        small_config(dtype="fp16")
     with pytest.raises(ValueError, match="min_lr"):
         small_config(min_lr=1.0)
     data = tokens()
@@ -269,3 +269,116 @@ def test_save_best_keeps_the_checkpoint_with_the_lowest_validation_loss(tmp_path
     restored = Trainer(tiny_model(seed=5), tokens()[:3000], tokens(seed=1)[:1000], config)
     restored.load(tmp_path / "best")
     assert restored.evaluate()["val"] == history.eval_val_loss[0]
+
+
+# ---- float16 with a gradient scaler, and the device's plan ----------------------------------
+# This torch's CPU autocast supports float16 (matmuls run in half precision) and
+# torch.amp.GradScaler("cpu") works, so the float16 path is tested end to end on the CPU.
+
+
+def poison_gradient(trainer, at_step):
+    """Make one weight's gradient inf during the backward pass of step ``at_step``: an fp16 overflow."""
+    weight = trainer.model.transformer.h[0].mlp.c_fc.weight
+    return weight.register_hook(lambda g: torch.full_like(g, math.inf) if trainer.step == at_step else g)
+
+
+def test_fp16_training_on_cpu_lowers_the_loss():
+    data = tokens()
+    config = small_config(dtype="float16", max_steps=30, eval_interval=15)
+    trainer = Trainer(tiny_model(), data[:3000], data[3000:], config)
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**16
+    with trainer.autocast():
+        assert trainer.model(data[None, :16]).dtype == torch.float16
+    history = trainer.run()
+    assert history.eval_val_loss[-1] < math.log(16) - 0.5
+    assert history.eval_val_loss[-1] < history.eval_val_loss[0]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # only the compute is fp16
+
+
+def test_an_overflow_skips_the_step_and_backs_off_the_scale():
+    data = tokens()
+    trainer = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype="float16"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    hook = poison_gradient(trainer, at_step=0)
+    trainer.train_step()
+    assert trainer.scaler.get_scale() == 2.0**15  # halved (backoff_factor 0.5)
+    for name, weight in trainer.model.named_parameters():  # not even weight decay moved them
+        assert torch.equal(weight, before[name]), name
+    hook.remove()
+    trainer.train_step()
+    assert trainer.scaler.get_scale() == 2.0**15  # a clean step keeps the scale (it grows after 2000)
+    assert not torch.equal(trainer.model.transformer.h[0].mlp.c_fc.weight, before["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_fp16_clips_the_unscaled_gradients():
+    data = tokens()
+    trainer = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype="float16", grad_clip=1e-3))
+    trainer.train_step()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-3)  # clipping the scaled ones would leave 1e-3 / 2**16
+
+
+def test_float32_and_bfloat16_runs_have_no_scaler_to_skip_steps():
+    data = tokens()
+    for dtype in ("float32", "bfloat16"):
+        trainer = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype=dtype))
+        assert not trainer.scaler.is_enabled()
+        before = trainer.model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+        poison_gradient(trainer, at_step=0)
+        trainer.train_step()  # nothing guards the step: the inf reaches the weights
+        assert not torch.isfinite(trainer.model.transformer.h[0].mlp.c_fc.weight).all()
+        assert not torch.equal(trainer.model.transformer.h[0].mlp.c_fc.weight, before)
+
+
+def test_fp16_scaler_state_is_checkpointed_and_resumes_exactly(tmp_path):
+    data = tokens()
+    train, val = data[:3000], data[3000:]
+    config = small_config(dtype="float16", max_steps=8)
+    straight = Trainer(tiny_model(), train, val, config)
+    poison_gradient(straight, at_step=1)
+    straight.run()
+
+    first = Trainer(tiny_model(), train, val, config)
+    poison_gradient(first, at_step=1)
+    first.run(until=4)
+    first.save(tmp_path)
+    rest = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert set(rest) == {"optimizer", "rng", "scaler"} and rest["scaler"]["scale"] == 2.0**15
+
+    resumed = Trainer(tiny_model(seed=3), train, val, config)
+    assert resumed.scaler.get_scale() == 2.0**16  # a fresh scaler, before loading
+    resumed.load(tmp_path)
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    resumed.run()
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert straight.scaler.state_dict() == resumed.scaler.state_dict()
+
+
+def test_auto_dtype_asks_the_device_plan(monkeypatch):
+    import companion.train as train_module
+    from companion.device import DeviceInfo
+
+    data = tokens()
+    auto = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype="auto"))
+    assert auto.autocast_dtype is None and not auto.scaler.is_enabled()  # the real CPU: float32
+    t4 = DeviceInfo("cuda", "Tesla T4", (7, 5), has_cxx_compiler=True)
+    monkeypatch.setattr(train_module, "describe_device", lambda device: t4)
+    as_if_t4 = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype="auto"))
+    assert as_if_t4.autocast_dtype is torch.float16 and as_if_t4.scaler.is_enabled()
+
+
+def test_command_line_takes_dtype_from_the_plan_and_prints_its_reasons_once(tmp_path, capsys, monkeypatch):
+    import companion.train as train_module
+    from companion.device import DevicePlan
+
+    plan = DevicePlan(torch.device("cpu"), torch.float16, True, False, "flash",
+                      reasons=("first reason for the test", "second reason for the test"))
+    monkeypatch.setattr(train_module, "plan_device", lambda device, verbose=True: plan)
+    args = ["--max-steps", "2", "--eval-batches", "1", "--sample-length", "2", "--no-progress"]
+    result = train_module.main(args)
+    out = capsys.readouterr().out
+    assert out.count("first reason for the test\n") == 1 and out.count("second reason for the test\n") == 1
+    assert result["train_config"]["dtype"] == "float16" and result["train_config"]["compile"] is False
+    assert result["plan"] == plan.summary()
+    assert train_module.main([*args, "--dtype", "bfloat16"])["train_config"]["dtype"] == "bfloat16"

@@ -4,8 +4,12 @@ Works for any model that maps token ids ``(B, T)`` to logits ``(B, T, V)``. One 
 
     x, y = batch(step)                              # random windows (companion.data)
     lr = lr_at(step)                                # linear warmup, then cosine decay
-    loss = cross_entropy(model(x), y)               # under bf16 autocast if asked
+    loss = cross_entropy(model(x), y)               # under bf16 or fp16 autocast if asked
     loss.backward(); clip_grad_norm_(..., 1.0); optimizer.step()
+
+In float16 a gradient scaler multiplies the loss before ``backward`` (small gradients
+would otherwise round to 0), divides the gradients back before clipping, and skips the
+step (and halves its scale) when a gradient overflowed to inf or nan.
 
 Everything a step depends on is a function of the step number (the batch, the learning
 rate) or is saved in the checkpoint (weights, AdamW moments, the random number
@@ -47,6 +51,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from companion.data import RandomWindows
+from companion.device import choose_plan, describe_device, plan_device
 
 __all__ = [
     "TRAIN_PRESETS",
@@ -60,6 +65,9 @@ __all__ = [
     "rank_and_world_size",
 ]
 
+# TrainConfig.dtype -> autocast dtype (None: plain float32); "auto" asks companion.device.
+DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class TrainConfig:
@@ -67,7 +75,10 @@ class TrainConfig:
 
     ``lr_decay_steps=None`` decays over the whole run (``max_steps``). ``grad_clip=0``
     turns clipping off. ``dtype="bfloat16"`` runs forward and loss under bf16 autocast
-    (weights and optimizer stay in float32). ``checkpoint_interval=0`` saves only at the end
+    (weights and optimizer stay in float32); ``dtype="float16"`` under fp16 autocast with a
+    gradient scaler; ``dtype="auto"`` lets ``companion.device.choose_plan`` pick for the
+    device (bf16 from compute capability 8.0, fp16 on older GPUs, float32 on CPU and MPS).
+    ``checkpoint_interval=0`` saves only at the end
     (when ``checkpoint_dir`` is set). ``save_best=True`` also keeps, in ``checkpoint_dir/best``,
     the checkpoint with the lowest validation loss seen so far: a model that starts to overfit
     is best taken from there, not from the last step.
@@ -104,8 +115,9 @@ class TrainConfig:
             raise ValueError("warmup_steps and checkpoint_interval must be >= 0")
         if not 0.0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            allowed = ", ".join(repr(d) for d in ("auto", *DTYPES))
+            raise ValueError(f"dtype={self.dtype!r} must be one of {allowed}")
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -223,6 +235,12 @@ class Trainer:
             self.model, config.learning_rate, config.weight_decay,
             (config.beta1, config.beta2), self.device.type,
         )
+        if config.dtype == "auto":
+            self.autocast_dtype = choose_plan(describe_device(self.device)).autocast_dtype
+        else:
+            self.autocast_dtype = DTYPES[config.dtype]
+        # Disabled (every call a pass-through) unless float16: bf16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype is torch.float16)
         # The (compiled, distributed) wrapper runs the steps; self.model (the same weights) is saved.
         train_model = self.model
         if self.world_size > 1:
@@ -239,8 +257,9 @@ class Trainer:
 
     # -- one step and evaluation --
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+    def autocast(self) -> torch.autocast:
+        """The autocast context of forward and loss (disabled in float32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def lr(self, step: int) -> float:
         c = self.config
@@ -259,10 +278,12 @@ class Trainer:
         with self.autocast():
             loss = lm_loss(self.forward_fn(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # loss * scale in float16; loss itself otherwise
         if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped if a gradient is inf or nan
+        self.scaler.update()  # halve the scale after an overflow, double it after 2000 clean steps
         self._pending.append((self.step, loss.detach()))
         self.history.lr.append(lr)
         self.step += 1
@@ -337,7 +358,8 @@ class Trainer:
         """Write ``model.safetensors``, ``optimizer.pt`` and ``trainer.json`` into ``directory``.
 
         ``optimizer.pt`` holds only tensors, numbers and containers, so it loads with
-        ``torch.load(weights_only=True)``: loading it cannot run code.
+        ``torch.load(weights_only=True)``: loading it cannot run code. In float16 it also
+        holds the gradient scaler's state (its scale and growth counter).
         """
         self._flush()
         directory = Path(directory)
@@ -346,7 +368,10 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save({"optimizer": self.optimizer.state_dict(), "rng": rng}, directory / "optimizer.pt")
+        rest = {"optimizer": self.optimizer.state_dict(), "rng": rng}
+        if self.scaler.is_enabled():
+            rest["scaler"] = self.scaler.state_dict()
+        torch.save(rest, directory / "optimizer.pt")
         state = {
             "step": self.step,
             "train_batches": self.train_batches.state_dict(),
@@ -369,6 +394,8 @@ class Trainer:
         load_model(self.model, str(directory / "model.safetensors"), device=str(self.device))
         rest = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(rest["optimizer"])
+        if self.scaler.is_enabled() and "scaler" in rest:  # else a fresh scale, as at step 0
+            self.scaler.load_state_dict(rest["scaler"])
         torch.set_rng_state(rest["rng"]["cpu"].cpu())
         if "cuda" in rest["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(rest["rng"]["cuda"].cpu(), self.device)
@@ -410,13 +437,15 @@ TRAIN_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "shakespeare-char-cpu": (
         dict(n_layer=4, n_head=4, n_embd=64, n_positions=64, dropout=0.0),
         dict(max_steps=800, batch_size=32, learning_rate=6e-3, min_lr=6e-4, warmup_steps=50,
-             beta2=0.99, eval_interval=100, eval_batches=8),
+             beta2=0.99, eval_interval=100, eval_batches=8,
+             compile=False),  # too short a run: compiling on a CPU takes longer than it saves
     ),
     # nanoGPT's Shakespeare-char configuration (about 1.47 validation loss in 5000 steps).
+    # dtype and compile come from companion.device.plan_device: bf16 and compiled on an A100/H100.
     "shakespeare-char-gpu": (
         dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, dropout=0.2, bias=False),
         dict(max_steps=5000, batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
-             beta2=0.99, eval_interval=250, eval_batches=200, dtype="bfloat16", compile=True,
+             beta2=0.99, eval_interval=250, eval_batches=200,
              save_best=True),  # it overfits after about 2000 steps: keep the best checkpoint
     ),
 }
@@ -429,8 +458,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch size (per process under torchrun)")
     parser.add_argument("--eval-batches", type=int, help="override the batches per evaluation")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="override autocast dtype")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--dtype", choices=["auto", *DTYPES],
+                        help="autocast dtype (default: what companion.device.plan_device chooses for the device)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: what plan_device chooses)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the initial weights and the sample")
     parser.add_argument("--checkpoint-dir", help="save a checkpoint here at the end (and the best in best/)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -473,18 +504,20 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         train_kw["batch_size"] = args.batch_size
     if args.eval_batches is not None:
         train_kw["eval_batches"] = args.eval_batches
+    # The device's plan decides what neither the command line nor the preset fixes.
+    plan = plan_device(args.device, verbose=False)
+    for reason in plan.reasons:  # once, from rank 0
+        say(reason)
+    plan_dtype = next(name for name, dtype in DTYPES.items() if dtype == plan.autocast_dtype)
+    train_kw.setdefault("dtype", plan_dtype)
+    train_kw.setdefault("compile", plan.compile)
     if args.dtype is not None:
-        train_kw["dtype"] = args.dtype
+        train_kw["dtype"] = plan_dtype if args.dtype == "auto" else args.dtype
     if args.compile is not None:
         train_kw["compile"] = args.compile
-    if args.device == "cpu":
-        train_kw["dtype"] = args.dtype or "float32"
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        if train_kw.get("dtype") == "bfloat16" and torch.cuda.get_device_capability()[0] < 8:
-            say("this GPU has no native bfloat16 (it needs compute capability 8.0): training in float32")
-            train_kw["dtype"] = "float32"
 
     text = load_tiny_shakespeare()
     tok = CharTokenizer.from_text(text)
@@ -515,6 +548,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "world_size": world_size,
         "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "plan": plan.summary(),
         "torch": torch.__version__,
         "parameters": model.num_parameters(),
         "final_val_loss": val,
