@@ -22,6 +22,13 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_capability() -> str:
+    """The CPU kernels PyTorch picks here (default, avx2, avx512), as a kernel would see them."""
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"
+    return subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def execute(md: Path, timeout: int = 1200) -> float:
     ipynb = md.with_suffix(".ipynb")
     jupytext = [sys.executable, "-m", "jupytext", "--quiet"]
@@ -40,6 +47,8 @@ def execute(md: Path, timeout: int = 1200) -> float:
         resources={"metadata": {"path": str(md.parent)}},
     ).execute()
     seconds = time.perf_counter() - start
+    # Which kernels produced these outputs: make test re-runs the chapters with others.
+    nb.metadata["companion"] = {"cpu_capability": cpu_capability()}
     nbformat.write(nb, ipynb)
     subprocess.run([*jupytext, "--sync", str(ipynb)], check=True)
     return seconds
