@@ -192,3 +192,16 @@ def test_markers_documented_where_contributors_look():
     for marker in MARKERS:
         assert marker in text, f"CONTRIBUTING.md does not explain {marker!r}"
     assert "within(" in text and "close(" in text
+
+
+def test_make_test_runs_the_chapters_again_on_other_kernels():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "test-other-kernels" in test_recipe, "make test must run the second pass"
+    other = re.search(r"^OTHER_KERNELS\s*=\s*(.+)$", makefile, re.M).group(1).split()
+    settings = dict(s.split("=", 1) for s in other)
+    assert settings.get("ATEN_CPU_CAPABILITY") == "default"
+    assert settings.get("MKL_ENABLE_INSTRUCTIONS") == "SSE4_2"
+    assert settings.get("OPENBLAS_CORETYPE"), "numpy's BLAS (chapters 4 and 5) needs another core type too"
+    second = re.search(r"^test-other-kernels:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "$(OTHER_KERNELS)" in second and "$(NBVAL)" in second and second.rstrip().endswith("chapters")
