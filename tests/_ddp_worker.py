@@ -15,7 +15,11 @@ from companion.train import TrainConfig, Trainer
 def build_trainer(batch_size: int) -> Trainer:
     """The same model, data and settings in every process (and in the single-process reference)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny"))
+    # No biases: the key projection's bias only adds q.b to every score of a row, which the
+    # softmax ignores, so its gradient is zero up to rounding, and AdamW turns that rounding
+    # noise into steps of +-lr whose signs depend on the order of the sums. With biases the
+    # two runs would differ there by 2 lr on some CPUs, for a weight that changes nothing.
+    model = GPT(GPTConfig.preset("tiny", bias=False))
     tokens = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(1))
     config = TrainConfig(max_steps=4, batch_size=batch_size, context_length=16, learning_rate=1e-2, warmup_steps=1,
                          eval_interval=2, eval_batches=2, progress=False)
