@@ -13,11 +13,13 @@ from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig
 from companion.phi import Phi, PhiConfig
 
+# Eager attention: FlopCounterMode counts its matrix products, but has no formula for the fused
+# SDPA kernel a CPU runs (_scaled_dot_product_flash_attention_for_cpu) and would miss attention.
 CACHED = {
-    "llama-gqa": (Llama, LlamaConfig.preset("tiny", num_key_value_heads=2)),
-    "llama-tied": (Llama, LlamaConfig.preset("tiny", tie_word_embeddings=True)),
-    "mistral": (Mistral, MistralConfig.preset("tiny", sliding_window=None)),
-    "phi": (Phi, PhiConfig.preset("tiny")),
+    "llama-gqa": (Llama, LlamaConfig.preset("tiny", num_key_value_heads=2, attn_implementation="eager")),
+    "llama-tied": (Llama, LlamaConfig.preset("tiny", tie_word_embeddings=True, attn_implementation="eager")),
+    "mistral": (Mistral, MistralConfig.preset("tiny", sliding_window=None, attn_implementation="eager")),
+    "phi": (Phi, PhiConfig.preset("tiny", attn_implementation="eager")),
 }
 
 

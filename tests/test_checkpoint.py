@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,11 +59,12 @@ def test_our_reader_agrees_with_the_safetensors_library(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sharded", [False, True])
-def test_from_pretrained_gives_hugging_faces_logits(tmp_path, family, sharded):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_from_pretrained_gives_hugging_faces_logits(tmp_path, family, sharded, attn):
     path, hf = save_random(tmp_path, family, max_shard_size="40KB" if sharded else None)
     assert (path / "model.safetensors.index.json").exists() == sharded
-    model = FAMILIES[family][0].from_pretrained(path)
-    assert model.config == FAMILIES[family][1]
+    model = FAMILIES[family][0].from_pretrained(path, attn_implementation=attn)
+    assert model.config == replace(FAMILIES[family][1], attn_implementation=attn)
     idx = torch.randint(0, 256, (2, 19))
     with torch.no_grad():
         assert torch.allclose(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
@@ -93,6 +95,20 @@ def test_older_config_files_with_top_level_rope_fields(tmp_path):
     config["rope_theta"], config["partial_rotary_factor"] = 500.0, rope["partial_rotary_factor"]
     (path / "config.json").write_text(json.dumps(config))
     assert Phi.from_pretrained(path).config == PhiConfig.preset("tiny", rope_theta=500.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hugging_faces_own_attn_implementation_keys_are_ignored(tmp_path, family):
+    """config.json may name Hugging Face's attention kernels; ours is chosen by from_pretrained."""
+    path, _ = save_random(tmp_path, family)
+    config = json.loads((path / "config.json").read_text())
+    assert "attn_implementation" not in config  # not needed: Hugging Face does not write it
+    config |= {"attn_implementation": "flash_attention_2", "_attn_implementation": "flash_attention_2"}
+    (path / "config.json").write_text(json.dumps(config))
+    model_cls, expected = FAMILIES[family][:2]
+    assert model_cls.from_pretrained(path).config == expected  # attn_implementation="sdpa", the default
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' must be 'sdpa' or 'eager'"):
+        model_cls.from_pretrained(path, attn_implementation="flash_attention_2")
 
 
 def test_nothing_is_unpickled(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""companion.layers: RMSNorm, RoPE (both layouts, partial), SwiGLU, grouped-query attention, KV caches.
+"""companion.layers: RMSNorm, RoPE (both layouts, partial), SwiGLU, attention (eager and SDPA), KV caches.
 
 Oracles: Hugging Face's Llama and Phi modules, torch's scaled_dot_product_attention, and
 explicit loops written the slow, obvious way.
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers.models.llama import modeling_llama as hf_llama
 from transformers.models.phi import modeling_phi as hf_phi
@@ -18,7 +19,8 @@ from transformers.models.phi import modeling_phi as hf_phi
 from companion.device import plan_device
 from companion.layers import (KVCache, Linear, RMSNorm, RollingKVCache, SwiGLU, apply_rope, apply_rope_interleaved,
                               attention, attention_mask, half_split_to_interleaved, interleaved_to_half_split,
-                              kv_cache_bytes, kv_head_of, rope_cos_sin, rope_inv_freq, rotate_half)
+                              kv_cache_bytes, kv_head_of, rope_cos_sin, rope_inv_freq, rotate_half,
+                              sdpa_attention)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -243,24 +245,75 @@ def test_grouped_query_attention_matches_sdpa_with_repeated_heads(B, K, G, T, ex
     assert torch.allclose(attention(q, k, v, mask), ref, atol=1e-5)
 
 
-def test_query_head_h_reads_kv_head_h_over_group_size():
+@pytest.mark.parametrize("attend", [attention, sdpa_attention])
+def test_query_head_h_reads_kv_head_h_over_group_size(attend):
     """With 1 < K < H: change one KV head and exactly its query heads change."""
     torch.manual_seed(0)
     B, H, K, T, D = 1, 6, 2, 4, 8
     q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
     mask = attention_mask(torch.arange(T), torch.arange(T))
-    before = attention(q, k, v, mask)
+    before = attend(q, k, v, mask)
     v2 = v.clone()
     v2[:, 1] += 1.0
-    after = attention(q, k, v2, mask)
+    after = attend(q, k, v2, mask)
     changed = [h for h in range(H) if not torch.allclose(before[:, h], after[:, h])]
     assert changed == [h for h in range(H) if kv_head_of(h, H, K) == 1] == [3, 4, 5]
 
 
-def test_attention_rejects_uneven_groups():
+@pytest.mark.parametrize("attend", [attention, sdpa_attention])
+def test_attention_rejects_uneven_groups(attend):
     with pytest.raises(ValueError, match="6 query heads cannot share 4 key/value heads"):
-        attention(torch.randn(1, 6, 2, 4), torch.randn(1, 4, 2, 4), torch.randn(1, 4, 2, 4),
-                  torch.ones(2, 2, dtype=torch.bool))
+        attend(torch.randn(1, 6, 2, 4), torch.randn(1, 4, 2, 4), torch.randn(1, 4, 2, 4),
+               torch.ones(2, 2, dtype=torch.bool))
+
+
+@FAST
+@given(B=st.integers(1, 2), K=st.integers(1, 2), G=st.integers(1, 3), T=st.integers(1, 20),
+       extra=st.integers(0, 12), D=st.sampled_from([8, 16, 32]), density=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+       seed=st.integers(0, 10**6))
+def test_sdpa_attention_equals_the_explicit_attention_for_any_mask(B, K, G, T, extra, D, density, seed):
+    """Any boolean mask, not only causal ones, as long as every query may see some key."""
+    g = torch.Generator().manual_seed(seed)
+    H, S = K * G, T + extra  # S > T: keys of earlier positions, as with a cache
+    q, k, v = (torch.randn(B, H, T, D, generator=g), torch.randn(B, K, S, D, generator=g),
+               torch.randn(B, K, S, D, generator=g))
+    mask = torch.rand(T, S, generator=g) < density
+    mask[torch.arange(T), torch.randint(0, S, (T,), generator=g)] = True  # at least one key per row
+    out = sdpa_attention(q, k, v, mask)
+    assert out.shape == (B, H, T, D)
+    assert torch.allclose(out, attention(q, k, v, mask), atol=1e-5, rtol=0)
+
+
+class StorageSizes(TorchDispatchMode):
+    """Records the storage size in bytes of every tensor that each ATen operation returns.
+
+    A view (``transpose``, ``expand``) shares the storage of its input; a copy has its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.sizes += [t.untyped_storage().nbytes() for t in outs if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_grouped_query_attention_never_copies_the_keys_or_values_per_query_head():
+    """One query per head and many keys: a copy of k or v for each of the G heads would be the
+    largest tensor by far. Viewing q as (B, K, G, T, D) and letting matmul broadcast k as
+    (B, K, 1, S, D) makes exactly that copy; the check below catches it."""
+    B, K, G, T, S, D = 1, 2, 8, 1, 512, 64
+    q, k, v = torch.randn(B, K * G, T, D), torch.randn(B, K, S, D), torch.randn(B, K, S, D)
+    mask = attention_mask(torch.tensor([S - 1]), torch.arange(S))
+    with StorageSizes() as seen:
+        attention(q, k, v, mask)
+    assert max(seen.sizes) <= k.nbytes  # nothing larger than the keys: views of k, small scores
+    with StorageSizes() as broadcast:  # the check can fail: matmul broadcasting over the group copies
+        torch.matmul(q.view(B, K, G, T, D), k.unsqueeze(2).transpose(-2, -1))
+    assert max(broadcast.sizes) == G * k.nbytes
 
 
 # ---- KV caches -------------------------------------------------------------------------------

@@ -1,18 +1,24 @@
 """companion.llama against Hugging Face's LlamaForCausalLM: same weights, same logits, same tokens."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
 
 from companion.checkpoint import hf_state_dict, load_hf_state_dict
 from companion.decode import decode
+from companion import llama
 from companion.generate import generate
 from companion.llama import Llama, LlamaConfig, count_parameters, hf_tensor_shapes
 
 
 
 
-def pair(config: LlamaConfig, seed: int = 0):
+ATTN = pytest.mark.parametrize("attn", ["sdpa", "eager"])  # our two attention paths, both against the same oracle
+
+
+def pair(config: LlamaConfig, seed: int = 0, attn: str = "sdpa"):
     """A Hugging Face model with random weights (eager attention) and ours with the same weights."""
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(
@@ -20,7 +26,8 @@ def pair(config: LlamaConfig, seed: int = 0):
     with torch.no_grad():
         for p in hf.parameters():  # norms away from 1, larger weights: differences would show
             p.normal_(0.0, 0.1 if p.dim() > 1 else 1.0)
-    ours = load_hf_state_dict(Llama(config).eval(), hf.state_dict(), hf_tensor_shapes(config))
+    ours = load_hf_state_dict(Llama(replace(config, attn_implementation=attn)).eval(), hf.state_dict(),
+                              hf_tensor_shapes(config))
     return hf, ours
 
 
@@ -31,10 +38,11 @@ CONFIGS = {
 }
 
 
+@ATTN
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 7), (3, 33)])
-def test_logits_match_hugging_face(name, B, T):
-    hf, ours = pair(CONFIGS[name])
+def test_logits_match_hugging_face(name, B, T, attn):
+    hf, ours = pair(CONFIGS[name], attn=attn)
     idx = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -62,9 +70,10 @@ def test_state_dict_names_and_shapes_are_those_of_hugging_face():
         assert {n: tuple(t.shape) for n, t in hf_state_dict(ours).items()} == expected
 
 
+@ATTN
 @pytest.mark.parametrize("name", ["mha", "gqa"])
-def test_cached_prefill_in_chunks_gives_the_full_logits(name):
-    _, ours = pair(CONFIGS[name])
+def test_cached_prefill_in_chunks_gives_the_full_logits(name, attn):
+    _, ours = pair(CONFIGS[name], attn=attn)
     idx = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         full = ours(idx)
@@ -73,9 +82,10 @@ def test_cached_prefill_in_chunks_gives_the_full_logits(name):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
+@ATTN
 @pytest.mark.parametrize("name", ["mha", "gqa"])
-def test_cached_generation_gives_the_uncached_tokens_and_hugging_faces(name):
-    hf, ours = pair(CONFIGS[name])
+def test_cached_generation_gives_the_uncached_tokens_and_hugging_faces(name, attn):
+    hf, ours = pair(CONFIGS[name], attn=attn)
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
     uncached = generate(ours, prompt, 25, temperature=0)
     cached = generate(ours, prompt, 25, temperature=0, use_cache=True)
@@ -98,6 +108,18 @@ def test_parameter_counts_from_the_config():
         assert count_parameters(config) == n == sum(p.numel() for p in ours.parameters())
 
 
+def test_attn_implementation_chooses_which_attention_runs(monkeypatch):
+    calls = []
+    for name in ["attention", "sdpa_attention"]:
+        original = getattr(llama, name)
+        monkeypatch.setattr(llama, name, lambda *args, f=original, name=name: calls.append(name) or f(*args))
+    assert LlamaConfig.preset("tiny").attn_implementation == "sdpa"  # the default, as in Hugging Face
+    for attn, expected in [("sdpa", "sdpa_attention"), ("eager", "attention")]:
+        calls.clear()
+        Llama(LlamaConfig.preset("tiny", attn_implementation=attn))(torch.zeros(1, 3, dtype=torch.long))
+        assert calls == [expected, expected]  # once per layer
+
+
 def test_config_and_cache_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="hidden_size=60 is not divisible by num_attention_heads=8"):
         LlamaConfig.preset("tiny", hidden_size=60, num_attention_heads=8)
@@ -105,6 +127,8 @@ def test_config_and_cache_errors_say_what_is_wrong():
         LlamaConfig.preset("tiny", num_key_value_heads=3)
     with pytest.raises(ValueError, match="unknown preset 'llama-3'"):
         LlamaConfig.preset("llama-3")
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' must be 'sdpa' or 'eager'"):
+        LlamaConfig.preset("tiny", attn_implementation="flash_attention_2")
     model = Llama(LlamaConfig.preset("tiny"))
     idx = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="no cache: call setup_cache"):

@@ -1,9 +1,12 @@
 """companion.mistral against Hugging Face's MistralForCausalLM, with a window shorter than the sequence."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
 
+from companion import mistral
 from companion.checkpoint import load_hf_state_dict
 from companion.decode import decode
 from companion.generate import generate
@@ -18,7 +21,10 @@ WINDOW = 8
 CONFIG = MistralConfig.preset("tiny", sliding_window=WINDOW)
 
 
-def pair(config: MistralConfig = CONFIG, seed: int = 0):
+ATTN = pytest.mark.parametrize("attn", ["sdpa", "eager"])  # our two attention paths, both against the same oracle
+
+
+def pair(config: MistralConfig = CONFIG, seed: int = 0, attn: str = "sdpa"):
     """A Hugging Face model with random weights (eager attention) and ours with the same weights."""
     torch.manual_seed(seed)
     hf = transformers.MistralForCausalLM(
@@ -26,13 +32,15 @@ def pair(config: MistralConfig = CONFIG, seed: int = 0):
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.1 if p.dim() > 1 else 1.0)
-    ours = load_hf_state_dict(Mistral(config).eval(), hf.state_dict(), hf_tensor_shapes(config))
+    ours = load_hf_state_dict(Mistral(replace(config, attn_implementation=attn)).eval(), hf.state_dict(),
+                              hf_tensor_shapes(config))
     return hf, ours
 
 
+@ATTN
 @pytest.mark.parametrize("B,T", [(1, 3), (2, WINDOW), (2, WINDOW + 1), (3, 3 * WINDOW + 5)])
-def test_logits_match_hugging_face_with_a_window_shorter_than_the_sequence(B, T):
-    hf, ours = pair()
+def test_logits_match_hugging_face_with_a_window_shorter_than_the_sequence(B, T, attn):
+    hf, ours = pair(attn=attn)
     idx = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -52,8 +60,9 @@ def test_the_window_matters_a_llama_with_the_same_weights_differs_after_it():
     assert not torch.allclose(a[:, WINDOW:], b[:, WINDOW:], atol=1e-3)  # beyond it: not
 
 
-def test_generation_past_the_window_rolling_cache_equals_uncached_and_hugging_face():
-    hf, ours = pair()
+@ATTN
+def test_generation_past_the_window_rolling_cache_equals_uncached_and_hugging_face(attn):
+    hf, ours = pair(attn=attn)
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
     n = 4 * WINDOW  # far past the end of the window
     uncached = generate(ours, prompt, n, temperature=0)
@@ -68,8 +77,9 @@ def test_generation_past_the_window_rolling_cache_equals_uncached_and_hugging_fa
     assert len(set(uncached[0, 5:].tolist())) > 3
 
 
-def test_rolling_cache_gives_the_full_logits_at_every_step_and_for_a_long_prompt():
-    _, ours = pair()
+@ATTN
+def test_rolling_cache_gives_the_full_logits_at_every_step_and_for_a_long_prompt(attn):
+    _, ours = pair(attn=attn)
     idx = torch.randint(0, 256, (2, 3 * WINDOW))
     with torch.no_grad():
         full = ours(idx)
@@ -80,8 +90,9 @@ def test_rolling_cache_gives_the_full_logits_at_every_step_and_for_a_long_prompt
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
-def test_a_plain_cache_with_the_window_mask_is_exact_too_but_grows():
-    _, ours = pair()
+@ATTN
+def test_a_plain_cache_with_the_window_mask_is_exact_too_but_grows(attn):
+    _, ours = pair(attn=attn)
     prompt = torch.randint(0, 256, (1, 4))
     rolling = decode(ours, prompt, 3 * WINDOW)
     ours.setup_cache(1, 4 + 3 * WINDOW, rolling=False)
@@ -89,9 +100,10 @@ def test_a_plain_cache_with_the_window_mask_is_exact_too_but_grows():
     assert torch.equal(generate(ours, prompt, 3 * WINDOW, temperature=0), rolling)
 
 
-def test_no_window_is_full_attention_like_llama():
+@ATTN
+def test_no_window_is_full_attention_like_llama(attn):
     config = MistralConfig.preset("tiny", sliding_window=None)
-    hf, ours = pair(config)
+    hf, ours = pair(config, attn=attn)
     idx = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-5)
@@ -111,11 +123,25 @@ def test_parameter_counts_from_the_config():
             == sum(p.numel() for p in ours.parameters())
 
 
+def test_attn_implementation_chooses_which_attention_runs(monkeypatch):
+    calls = []
+    for name in ["attention", "sdpa_attention"]:
+        original = getattr(mistral, name)
+        monkeypatch.setattr(mistral, name, lambda *args, f=original, name=name: calls.append(name) or f(*args))
+    assert MistralConfig.preset("tiny").attn_implementation == "sdpa"  # the default, as in Hugging Face
+    for attn, expected in [("sdpa", "sdpa_attention"), ("eager", "attention")]:
+        calls.clear()
+        Mistral(MistralConfig.preset("tiny", attn_implementation=attn))(torch.zeros(1, 3, dtype=torch.long))
+        assert calls == [expected, expected]  # once per layer
+
+
 def test_config_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="sliding_window=0 must be a positive int or None"):
         MistralConfig.preset("tiny", sliding_window=0)
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by num_key_value_heads=3"):
         MistralConfig.preset("tiny", num_key_value_heads=3)
+    with pytest.raises(ValueError, match="attn_implementation='explicit' must be 'sdpa' or 'eager'"):
+        MistralConfig.preset("tiny", attn_implementation="explicit")
 
 
 def test_setup_cache_reuses_buffers_of_the_same_shape_and_forgets_the_last_sequence():

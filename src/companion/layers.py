@@ -10,7 +10,9 @@
   :func:`interleaved_to_half_split` permutes projection weights from one to the other.
 * :class:`SwiGLU`: the gated feed-forward network of Llama and Mistral (Shazeer, 2020).
 * :func:`attention`: masked softmax attention with grouped key/value heads (Ainslie et al.,
-  2023): query head ``h`` reads key/value head ``h // (H // H_kv)``.
+  2023): query head ``h`` reads key/value head ``h // (H // H_kv)``, the "eager" path written
+  out. :func:`sdpa_attention`: the same through PyTorch's fused
+  ``F.scaled_dot_product_attention``.
 * :func:`attention_mask`: which key positions each query position may see, causal and
   optionally inside a sliding window, built from positions so it works with or without a
   cache.
@@ -49,6 +51,7 @@ __all__ = [
     "rope_cos_sin",
     "rope_inv_freq",
     "rotate_half",
+    "sdpa_attention",
 ]
 
 
@@ -301,14 +304,22 @@ def attention_mask(
     return allowed  # (T, S)
 
 
+def _group_size(n_heads: int, n_kv_heads: int) -> int:
+    """``G = H // K``, the number of query heads that share one key/value head."""
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} key/value heads evenly")
+    return n_heads // n_kv_heads
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Masked softmax attention with grouped key/value heads.
 
     ``q`` is ``(B, H, T, D)``, ``k`` and ``v`` are ``(B, K, S, D)`` with ``H`` a multiple of
     ``K``, and ``mask`` a bool ``(T, S)`` (True where allowed). Query head ``h`` reads
-    key/value head ``h // (H // K)``: the queries are viewed as ``K`` groups of ``G = H // K``
-    heads, and each group attends to its own key/value head, without copying the keys ``G``
-    times. ``K == H`` is ordinary multi-head attention, ``K == 1`` multi-query attention.
+    key/value head ``h // (H // K)``: the ``G = H // K`` query heads of a group are stacked
+    as the rows of one ``(G * T, D)`` matrix, and each group is a single matrix product with
+    its own key/value head, so the keys and values are never copied ``G`` times.
+    ``K == H`` is ordinary multi-head attention, ``K == 1`` multi-query attention.
     The softmax runs in float32, as in Hugging Face's eager attention.
 
     >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
@@ -316,16 +327,46 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     torch.Size([1, 4, 3, 8])
     """
     B, H, T, D = q.shape
-    K = k.size(1)
-    if H % K:
-        raise ValueError(f"{H} query heads cannot share {K} key/value heads evenly")
-    q = q.view(B, K, H // K, T, D)  # (B, K, G, T, D): query head h = group h // G, member h % G
-    k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, K, 1, S, D): one key/value head per group
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, K, G, T, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(weights, v)  # (B, K, G, T, D)
+    K, S = k.size(1), k.size(2)
+    G = _group_size(H, K)
+    # In group j, row g * T + t is query head j * G + g at time t. (reshape copies q when its
+    # heads are not adjacent in memory, as after the projection: one copy of the queries.)
+    q = q.reshape(B, K, G * T, D)  # (B, K, G*T, D)
+    # Both operands have batch dims (B, K): no broadcasting, so matmul expands nothing.
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, K, G*T, S)
+    scores = scores.view(B, K, G, T, S).masked_fill(~mask, float("-inf"))  # one (T, S) mask for every head
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, K, G, T, S)
+    out = torch.matmul(weights.view(B, K, G * T, S), v)  # (B, K, G*T, D)
     return out.view(B, H, T, D)
+
+
+# F.scaled_dot_product_attention has enable_gqa (grouped key/value heads) from torch 2.5 on.
+_SDPA_HAS_GQA = torch.__version__ >= "2.5"
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """:func:`attention` through PyTorch's fused ``F.scaled_dot_product_attention``.
+
+    Same inputs, output and mask convention: ``q`` ``(B, H, T, D)``, ``k`` and ``v``
+    ``(B, K, S, D)``, ``mask`` a bool ``(T, S)``, True where allowed (every row needs at
+    least one allowed key, or that row's output is NaN). PyTorch picks a fused kernel for the
+    device and dtype, which need not write the ``(T, S)`` weights to memory. With ``K < H``
+    it reads grouped key/value heads itself (``enable_gqa=True``); on torch older than 2.5,
+    which lacks that option, this falls back to :func:`attention`, which copies nothing either.
+
+    >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    >>> mask = attention_mask(torch.arange(3), torch.arange(3))
+    >>> torch.allclose(sdpa_attention(q, k, k, mask), attention(q, k, k, mask), atol=1e-5)
+    True
+    """
+    G = _group_size(q.size(1), k.size(1))
+    # The mask is always passed, never is_causal=True: telling that a mask is the plain causal
+    # one means reading its values, a sync on a GPU and a graph break under torch.compile.
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+    if not _SDPA_HAS_GQA:  # torch < 2.5: no enable_gqa, so the grouped explicit path
+        return attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
 
 
 # ---- KV caches -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ K key/value heads, D head dimension, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from companion import checkpoint
-from companion.layers import KVCache, Linear, RMSNorm, SwiGLU, apply_rope, attention, attention_mask, rope_cos_sin
+from companion.layers import (KVCache, Linear, RMSNorm, SwiGLU, apply_rope, attention, attention_mask,
+                              rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "Llama", "LlamaConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -55,6 +56,10 @@ class LlamaConfig:
     uses 8 key/value heads for 64 query heads). ``rope_theta`` is the base of the rotary
     frequencies.
 
+    ``attn_implementation`` is how attention is computed, with Hugging Face's names for the two
+    ways: ``"sdpa"`` (PyTorch's fused kernel, :func:`~companion.layers.sdpa_attention`) or
+    ``"eager"`` (the masked softmax written out, :func:`~companion.layers.attention`).
+
     >>> LlamaConfig.preset("llama-2-13b").num_hidden_layers
     40
     >>> LlamaConfig.preset("tiny").head_dim
@@ -72,6 +77,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Not a size of the model: left out of the repr and of to_hf().
+    attn_implementation: str = field(default="sdpa", repr=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -87,6 +94,8 @@ class LlamaConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of features")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation={self.attn_implementation!r} must be 'sdpa' or 'eager'")
 
     @property
     def head_dim(self) -> int:
@@ -106,7 +115,8 @@ class LlamaConfig:
         checkpoint.check_unsupported(hf, {"attention_bias": False, "mlp_bias": False,
                                           "hidden_act": "silu", "pretraining_tp": 1})
         checkpoint.check_head_dim(hf)
-        ours = {f.name: hf[f.name] for f in fields(cls) if f.name in hf and f.name != "rope_theta"}
+        skip = ("rope_theta", "attn_implementation")  # read below; ours to choose
+        ours = {f.name: hf[f.name] for f in fields(cls) if f.name in hf and f.name not in skip}
         ours.setdefault("num_key_value_heads", hf["num_attention_heads"])
         ours["rope_theta"] = checkpoint.rope_theta_of(hf)
         return cls(**ours)
@@ -122,7 +132,7 @@ class LlamaConfig:
         >>> hf.hidden_size
         64
         """
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "attn_implementation"}
 
 
 def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -179,6 +189,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, self.n_kv_heads * D, bias=False)
         self.v_proj = Linear(C, self.n_kv_heads * D, bias=False)
         self.o_proj = Linear(self.n_heads * D, C, bias=False)
+        self.attn_implementation = config.attn_implementation
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
@@ -189,7 +200,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # positions enter here, and only here
         if positions is not None:  # decoding with the cache: store k, v, read every cached slot
             k, v = self.cache.update(k, v, positions)  # (B, K, S, D)
-        y = attention(q, k, v, mask)  # (B, H, T, D)
+        attend = sdpa_attention if self.attn_implementation == "sdpa" else attention
+        y = attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -287,12 +299,16 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> "Llama":
+                        device: torch.device | str = "cpu", attn_implementation: str = "sdpa"
+                        ) -> "Llama":
         """Load a Hugging Face checkpoint directory (``config.json`` and ``*.safetensors``).
 
         Reads the files with :mod:`companion.checkpoint` (nothing is unpickled), checks
         every tensor's name and shape against :func:`hf_tensor_shapes`, and copies the
-        weights in, converted to ``dtype``, on ``device``.
+        weights in, converted to ``dtype``, on ``device``. ``attn_implementation`` (``"sdpa"`` or
+        ``"eager"``) is chosen here, as in Hugging Face's ``from_pretrained``; a setting of it
+        inside ``config.json`` is ignored.
         """
-        config = LlamaConfig.from_hf(checkpoint.read_config(path))
+        config = replace(LlamaConfig.from_hf(checkpoint.read_config(path)),
+                         attn_implementation=attn_implementation)
         return checkpoint.load_model(cls, config, path, hf_tensor_shapes(config), dtype=dtype, device=device)

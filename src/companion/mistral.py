@@ -23,7 +23,7 @@ K key/value heads, D head dimension, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from companion import checkpoint
 from companion.layers import (KVCache, Linear, RMSNorm, RollingKVCache, SwiGLU, apply_rope, attention,
-                              attention_mask, rope_cos_sin)
+                              attention_mask, rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "Mistral", "MistralConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -51,6 +51,10 @@ class MistralConfig:
 
     ``sliding_window=None`` is full causal attention (later Mistral versions).
 
+    ``attn_implementation`` is how attention is computed, with Hugging Face's names for the two
+    ways: ``"sdpa"`` (PyTorch's fused kernel, :func:`~companion.layers.sdpa_attention`) or
+    ``"eager"`` (the masked softmax written out, :func:`~companion.layers.attention`).
+
     >>> c = MistralConfig.preset("mistral-7b-v0.1")
     >>> c.num_attention_heads // c.num_key_value_heads, c.sliding_window
     (4, 4096)
@@ -68,6 +72,8 @@ class MistralConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Not a size of the model: left out of the repr and of to_hf().
+    attn_implementation: str = field(default="sdpa", repr=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -85,6 +91,8 @@ class MistralConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of features")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation={self.attn_implementation!r} must be 'sdpa' or 'eager'")
 
     @property
     def head_dim(self) -> int:
@@ -106,7 +114,8 @@ class MistralConfig:
         if "layer_types" in hf and len(set(hf["layer_types"])) > 1:
             raise checkpoint.CheckpointError("config.json mixes layer types "
                                              f"{sorted(set(hf['layer_types']))}; Mistral here has one kind")
-        ours = {f.name: hf[f.name] for f in fields(cls) if f.name in hf and f.name != "rope_theta"}
+        skip = ("rope_theta", "attn_implementation")  # read below; ours to choose
+        ours = {f.name: hf[f.name] for f in fields(cls) if f.name in hf and f.name not in skip}
         ours["sliding_window"] = hf.get("sliding_window")  # null in config.json: full attention
         ours["rope_theta"] = checkpoint.rope_theta_of(hf)
         return cls(**ours)
@@ -122,7 +131,7 @@ class MistralConfig:
         >>> hf.hidden_size
         64
         """
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "attn_implementation"}
 
 
 def hf_tensor_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
@@ -179,6 +188,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, self.n_kv_heads * D, bias=False)  # K < H: fewer key heads
         self.v_proj = Linear(C, self.n_kv_heads * D, bias=False)
         self.o_proj = Linear(self.n_heads * D, C, bias=False)
+        self.attn_implementation = config.attn_implementation
         self.cache: KVCache | RollingKVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
@@ -189,7 +199,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if positions is not None:  # decoding with the cache: store k, v, read every cached slot
             k, v = self.cache.update(k, v, positions)  # (B, K, S, D)
-        y = attention(q, k, v, mask)  # (B, H, T, D); query head h reads key/value head h // (H // K)
+        attend = sdpa_attention if self.attn_implementation == "sdpa" else attention
+        y = attend(q, k, v, mask)  # (B, H, T, D); query head h reads key/value head h // (H // K)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -294,7 +305,13 @@ class Mistral(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> "Mistral":
-        """Load a Hugging Face checkpoint directory (``config.json`` and ``*.safetensors``)."""
-        config = MistralConfig.from_hf(checkpoint.read_config(path))
+                        device: torch.device | str = "cpu", attn_implementation: str = "sdpa"
+                        ) -> "Mistral":
+        """Load a Hugging Face checkpoint directory (``config.json`` and ``*.safetensors``).
+
+        ``attn_implementation`` (``"sdpa"`` or ``"eager"``) is chosen here, as in Hugging Face's
+        ``from_pretrained``; a setting of it inside ``config.json`` is ignored.
+        """
+        config = replace(MistralConfig.from_hf(checkpoint.read_config(path)),
+                         attn_implementation=attn_implementation)
         return checkpoint.load_model(cls, config, path, hf_tensor_shapes(config), dtype=dtype, device=device)

@@ -24,7 +24,7 @@ R rotary dimension, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion import checkpoint
-from companion.layers import KVCache, Linear, apply_rope, attention, attention_mask, rope_cos_sin
+from companion.layers import KVCache, Linear, apply_rope, attention, attention_mask, rope_cos_sin, sdpa_attention
 
 __all__ = ["PRESETS", "Attention", "Block", "MLP", "Phi", "PhiConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -49,6 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class PhiConfig:
     """Sizes of a Phi model. Defaults are Phi-2; names follow Hugging Face's ``PhiConfig``.
+
+    ``attn_implementation`` is how attention is computed, with Hugging Face's names for the two
+    ways: ``"sdpa"`` (PyTorch's fused kernel, :func:`~companion.layers.sdpa_attention`) or
+    ``"eager"`` (the masked softmax written out, :func:`~companion.layers.attention`).
 
     >>> c = PhiConfig.preset("phi-2")
     >>> c.head_dim, c.rotary_dim
@@ -66,6 +70,8 @@ class PhiConfig:
     layer_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Not a size of the model: left out of the repr and of to_hf().
+    attn_implementation: str = field(default="sdpa", repr=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -81,6 +87,8 @@ class PhiConfig:
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ValueError(f"rotary_dim = int({self.head_dim} * {self.partial_rotary_factor}) = "
                              f"{self.rotary_dim} must be a positive even number")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation={self.attn_implementation!r} must be 'sdpa' or 'eager'")
 
     @property
     def head_dim(self) -> int:
@@ -108,8 +116,8 @@ class PhiConfig:
         if hf.get("num_key_value_heads") not in (None, heads):
             raise checkpoint.CheckpointError(f"config.json has num_key_value_heads={hf['num_key_value_heads']}; "
                                              f"Phi here has one key/value head per query head ({heads})")
-        ours = {f.name: hf[f.name] for f in fields(cls)
-                if f.name in hf and f.name not in ("rope_theta", "partial_rotary_factor")}
+        skip = ("rope_theta", "partial_rotary_factor", "attn_implementation")  # read below; ours to choose
+        ours = {f.name: hf[f.name] for f in fields(cls) if f.name in hf and f.name not in skip}
         ours["rope_theta"] = checkpoint.rope_theta_of(hf)
         ours["partial_rotary_factor"] = checkpoint.partial_rotary_factor_of(hf, default=0.5)
         return cls(**ours)
@@ -125,7 +133,7 @@ class PhiConfig:
         >>> hf.hidden_size
         80
         """
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "attn_implementation"}
 
 
 def hf_tensor_shapes(config: PhiConfig) -> dict[str, tuple[int, ...]]:
@@ -175,6 +183,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, C)
         self.v_proj = Linear(C, C)
         self.dense = Linear(C, C)
+        self.attn_implementation = config.attn_implementation
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
@@ -185,7 +194,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin are (T, R): first R features only
         if positions is not None:  # decoding with the cache: store k, v, read every cached slot
             k, v = self.cache.update(k, v, positions)  # (B, H, S, D)
-        y = attention(q, k, v, mask)  # (B, H, T, D)
+        attend = sdpa_attention if self.attn_implementation == "sdpa" else attention
+        y = attend(q, k, v, mask)  # (B, H, T, D)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -296,7 +306,13 @@ class Phi(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> "Phi":
-        """Load a Hugging Face checkpoint directory (``config.json`` and ``*.safetensors``)."""
-        config = PhiConfig.from_hf(checkpoint.read_config(path))
+                        device: torch.device | str = "cpu", attn_implementation: str = "sdpa"
+                        ) -> "Phi":
+        """Load a Hugging Face checkpoint directory (``config.json`` and ``*.safetensors``).
+
+        ``attn_implementation`` (``"sdpa"`` or ``"eager"``) is chosen here, as in Hugging Face's
+        ``from_pretrained``; a setting of it inside ``config.json`` is ignored.
+        """
+        config = replace(PhiConfig.from_hf(checkpoint.read_config(path)),
+                         attn_implementation=attn_implementation)
         return checkpoint.load_model(cls, config, path, hf_tensor_shapes(config), dtype=dtype, device=device)
