@@ -121,7 +121,7 @@ class DeviceInfo:
     """What a device is: its ``type`` ("cpu", "cuda", "mps"), its ``name``, the CUDA compute
     ``capability`` (``(major, minor)``, ``None`` off CUDA), whether a C++ compiler for
     Inductor's CPU kernels is on the PATH, the CUDA device ``index`` (``None``: the current
-    one), and for a CPU whether Inductor found a vector instruction set (AVX2, AVX-512, NEON...)
+    one), and for a CPU whether Inductor generates code for its own vector instruction set
     to generate code for (``cpu_vector_isa``).
 
     >>> DeviceInfo("cuda", "Tesla T4", (7, 5), has_cxx_compiler=True).capability
@@ -165,17 +165,20 @@ def _cxx_compiler() -> str | None:
 
 
 def _cpu_vector_isa() -> bool:
-    """Does Inductor have a vector instruction set for this CPU?
+    """Does Inductor generate code for this CPU's own vector instruction set?
 
-    It has none on a CPU without AVX2 (or NEON), and none when PyTorch is told to use its
-    portable kernels (``ATEN_CPU_CAPABILITY=default``). Its scalar fallback then fails to
-    build in torch 2.13 (the generated reductions still name ``at::vec``), so the plan runs
-    such a CPU eagerly.
+    Not on a CPU without AVX2 (or NEON), nor when PyTorch is told to use its portable kernels
+    (``ATEN_CPU_CAPABILITY=default``): the scalar fallback then fails to build in torch 2.13
+    (the generated reductions still name ``at::vec``). Nor when it is told to use a lower
+    one than the CPU has (``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 CPU): with one thread,
+    the compiled one-row products then come out wrong in torch 2.13. The plan runs such a
+    CPU eagerly.
     """
-    try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa  # private: may move in another torch
+    try:  # private: may move in another torch
+        from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
-        return bool(pick_vec_isa())
+        isa, best = pick_vec_isa(), valid_vec_isa_list()
+        return bool(isa) and (not best or str(isa) == str(best[0]))
     except Exception:
         return True  # cannot tell: let torch.compile try
 
@@ -305,8 +308,9 @@ def choose_plan(info: DeviceInfo) -> DevicePlan:
         reasons.append("eager on the CPU: Inductor compiles CPU kernels with a C++ compiler (g++ or clang++) "
                        "and none is on the PATH; install g++ or set CXX to use torch.compile")
     elif not info.cpu_vector_isa:
-        reasons.append("eager on the CPU: Inductor found no vector instruction set to use here (a CPU "
-                       "without AVX2, or ATEN_CPU_CAPABILITY=default), and its scalar code does not build")
+        reasons.append("eager on the CPU: Inductor would not generate code for this CPU's own vector "
+                       "instructions (a CPU without AVX2, or ATEN_CPU_CAPABILITY set below what the CPU "
+                       "has), and in that case its code fails to build or computes wrong results")
     compiles = info.has_cxx_compiler and info.cpu_vector_isa
     return DevicePlan(device, None, False, compiles, "flash", tuple(reasons))
 
