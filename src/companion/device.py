@@ -122,7 +122,7 @@ class DeviceInfo:
     ``capability`` (``(major, minor)``, ``None`` off CUDA), whether a C++ compiler for
     Inductor's CPU kernels is on the PATH, the CUDA device ``index`` (``None``: the current
     one), and for a CPU whether Inductor generates code for its own vector instruction set
-    to generate code for (``cpu_vector_isa``).
+    (``cpu_vector_isa``).
 
     >>> DeviceInfo("cuda", "Tesla T4", (7, 5), has_cxx_compiler=True).capability
     (7, 5)
