@@ -7,18 +7,13 @@ describes the machine is marked ``# machine: <what>``. These tests check the rul
 rule can be checked.
 """
 
-import json
 import re
-from pathlib import Path
 
 import nbval.plugin
 import pytest
 
 from companion.varies import MARKERS, OutOfBand, close, exemption, max_abs_difference, within
-
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
-ids = [p.stem for p in NOTEBOOKS]
+from test_notebooks import NOTEBOOKS, ROOT, ids, load, source
 
 VERDICT = re.compile(r"^.+ in \[[^\]]+\]: True$", re.M)
 # A raw float in scientific notation below 1e-3 (2.4e-07), unless it is a stated tolerance
@@ -28,14 +23,6 @@ TOLERANCE_BEFORE = re.compile(r"(<=?|≤|tol\w*\s*=?|within|below|under)\s*$")
 DIFFERENCE = re.compile(r"differ|diff\b|gap|error|\|", re.I)
 # A raw decimal below 1e-3 with a significant digit (0.00042), which rounding cannot hold still.
 TINY_DEC = re.compile(r"(?<![\w.])[-+]?0\.000\d*[1-9]")
-
-
-def load(path):
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def source(cell):
-    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
 def compared_text(cell):

@@ -356,14 +356,14 @@ def test_fp16_scaler_state_is_checkpointed_and_resumes_exactly(tmp_path):
 
 
 def test_auto_dtype_asks_the_device_plan(monkeypatch):
-    import companion.train as train_module
+    import companion.device as device_module
     from companion.device import DeviceInfo
 
     data = tokens()
     auto = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype="auto"))
     assert auto.autocast_dtype is None and not auto.scaler.is_enabled()  # the real CPU: float32
     t4 = DeviceInfo("cuda", "Tesla T4", (7, 5), has_cxx_compiler=True)
-    monkeypatch.setattr(train_module, "describe_device", lambda device: t4)
+    monkeypatch.setattr(device_module, "describe_device", lambda device: t4)
     as_if_t4 = Trainer(tiny_model(), data[:3000], data[3000:], small_config(dtype="auto"))
     assert as_if_t4.autocast_dtype is torch.float16 and as_if_t4.scaler.is_enabled()
 

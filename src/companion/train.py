@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from companion.data import RandomWindows
-from companion.device import choose_plan, describe_device, plan_device
+from companion.device import plan_device
 
 __all__ = [
     "TRAIN_PRESETS",
@@ -236,7 +236,7 @@ class Trainer:
             (config.beta1, config.beta2), self.device.type,
         )
         if config.dtype == "auto":
-            self.autocast_dtype = choose_plan(describe_device(self.device)).autocast_dtype
+            self.autocast_dtype = plan_device(self.device, verbose=False).autocast_dtype
         else:
             self.autocast_dtype = DTYPES[config.dtype]
         # Disabled (every call a pass-through) unless float16: bf16 has float32's range.
