@@ -62,3 +62,65 @@ def test_compiled_step_logits_match_the_eager_step():
         model(prompt, start_pos=0)
         eager = model(prompt[:, :1], start_pos=6, last_only=True)
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_compiled_step_serves_requests_of_every_length(name):
+    """The cache has the same shapes in every request, so the step compiles once (counted)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = random_model(name)
+    counter = CompileCounter()  # a backend that counts the graphs it is given and runs them eagerly
+    step = compile_step(model, backend=counter)
+    gen = torch.Generator().manual_seed(4)
+    for batch, prompt_len, n in [(2, 3, 5), (2, 11, 2), (2, 1, 3 * WINDOW), (2, 7, 9)]:
+        prompt = torch.randint(0, 256, (batch, prompt_len), generator=gen)
+        eager = decode(model, prompt, n, max_seq_len=64)
+        assert torch.equal(decode(model, prompt, n, max_seq_len=64, step=step), eager)
+    assert counter.frame_count == 1
+
+
+def test_the_position_stays_on_the_device_and_advances_in_place():
+    model = random_model("llama")
+    seen = []
+
+    def step(tok, pos):
+        seen.append((id(pos), int(pos)))
+        return model(tok, start_pos=pos, last_only=True)
+
+    decode(model, torch.zeros(1, 4, dtype=torch.long), 6, step=step, max_seq_len=16)
+    assert [p for _, p in seen] == [4, 5, 6, 7, 8]
+    assert len({i for i, _ in seen}) == 1  # one tensor, advanced in place: no new tensor per token
+
+
+def test_decode_sizes_the_cache_for_the_model_or_the_caller():
+    model = random_model("llama")
+    decode(model, torch.zeros(1, 2, dtype=torch.long), 3)
+    assert model.layers[0].self_attn.cache.max_seq_len == model.config.max_position_embeddings
+    decode(model, torch.zeros(1, 2, dtype=torch.long), 3, max_seq_len=10)
+    assert model.layers[0].self_attn.cache.max_seq_len == 10
+    with pytest.raises(ValueError, match="max_seq_len=10"):
+        decode(model, torch.zeros(1, 8, dtype=torch.long), 3, max_seq_len=10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eos_stops_each_row_as_generate_does(name):
+    from companion.generate import generate
+
+    model = random_model(name)
+    prompt = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(5))
+    free = decode(model, prompt, 12)
+    eos = int(free[1, 4 + 2])  # row 1 produces this token at its third step
+    stopped = decode(model, prompt, 12, eos_token_id=eos)
+    reference = generate(model, prompt, 12, temperature=0, eos_token_id=eos, use_cache=True)
+    assert torch.equal(stopped, reference)
+    first = free[1, 4:].tolist().index(eos)  # where row 1 finishes (at its third step or before)
+    row = stopped[1, 4:].tolist()
+    assert first <= 2 and row[first] == eos and set(row[first:]) == {eos}  # finished: then padding
+    assert not torch.equal(stopped, free)
+    # alone, the row stops the whole decoding; finished rows are padded with pad_token_id
+    alone = decode(model, prompt[1:2], 12, eos_token_id=eos)
+    assert torch.equal(alone, free[1:2, : 4 + first + 1])
+    padded = decode(model, prompt, 12, eos_token_id=eos, pad_token_id=0)
+    assert padded[1, 4 + first + 1 :].eq(0).all() and padded[1, 4 + first] == eos

@@ -8,10 +8,14 @@ as :class:`~companion.llama.Llama`, :class:`~companion.mistral.Mistral` and
 
 * the prompt goes through the model once, and logits are computed for its last position only
   (``last_only=True``): the output layer is one of the largest matrices of a small model;
-* every later step feeds one token at a position given as a tensor, so each step has
-  exactly the same shapes and the step function can be compiled once with
-  ``torch.compile`` (and captured as a CUDA graph with ``mode="reduce-overhead"``);
-* tokens are written into a preallocated output tensor, not concatenated.
+* the cache is allocated for a maximum length (the model's, or the caller's), not for this
+  request, and every later step feeds one token at a position held in a device tensor, so
+  each step has exactly the same shapes in every request: the step function is compiled
+  once with ``torch.compile`` (and captured as a CUDA graph with
+  ``mode="reduce-overhead"``) and serves prompts and generations of any length;
+* the position is advanced on the device and the tokens are written into a preallocated
+  output tensor, so nothing is copied between host and device per token, except the check
+  for the end of the sequence when ``eos_token_id`` is given.
 
 It gives the same tokens as ``generate(model, idx, n, temperature=0, use_cache=True)``
 (tested per model). :func:`compile_step` compiles the one-token step: on a GPU as a CUDA
@@ -40,35 +44,66 @@ def decode(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    max_seq_len: int | None = None,
     step: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Append ``max_new_tokens`` tokens to the prompt ``idx`` ``(B, T)``; returns ``(B, T + n)``.
+    """Append up to ``max_new_tokens`` tokens to the prompt ``idx`` ``(B, T)``; returns ``(B, T + n)``.
 
     ``temperature=0`` (the default) is greedy decoding. ``step``, if given, replaces the
-    one-token step ``lambda tok, pos: model(tok, start_pos=pos, last_only=True)``; pass a
-    ``torch.compile``-d version of it to decode faster (see ``benchmarks/decode.py``).
+    one-token step ``lambda tok, pos: model(tok, start_pos=pos, last_only=True)``; pass
+    :func:`compile_step`'s compiled version of it to decode faster.
+
+    The cache is set up for ``max_seq_len`` positions (the model's
+    ``max_position_embeddings`` if not given), whatever this request needs: its buffers keep
+    their shapes from one request to the next, so one compiled step serves prompts and
+    generations of every length up to ``max_seq_len``.
+
+    With ``eos_token_id``, a row that produces it is finished: its later tokens are
+    ``pad_token_id`` (``eos_token_id`` if not given), and decoding stops as soon as every
+    row is finished, so ``n`` may be less than ``max_new_tokens``. Checking that is the one
+    device-to-host copy per token; without ``eos_token_id`` there is none.
     """
     if idx.dim() != 2 or idx.dtype != torch.long:
         raise ValueError(f"idx must be a (B, T) tensor of token ids, got {tuple(idx.shape)} {idx.dtype}")
+    if idx.size(1) == 0:
+        raise ValueError("idx is empty: give at least one prompt token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     B, T = idx.shape
-    model.setup_cache(B, T + max_new_tokens)
+    if max_seq_len is None:
+        max_seq_len = model.config.max_position_embeddings
+    if T + max_new_tokens > max_seq_len:
+        raise ValueError(f"a prompt of {T} tokens plus max_new_tokens={max_new_tokens} is longer than "
+                         f"max_seq_len={max_seq_len}")
+    if pad_token_id is None:
+        pad_token_id = eos_token_id
+    model.setup_cache(B, max_seq_len)
     if step is None:
         def step(tok: Tensor, pos: Tensor) -> Tensor:
             return model(tok, start_pos=pos, last_only=True)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    pos = torch.tensor(T, device=idx.device)  # the position of the token being fed, kept on the device
     logits = model(idx, start_pos=0, last_only=True)[:, -1]  # (B, V): the prompt in one pass
     for t in range(T, T + max_new_tokens):
-        out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            tok = torch.where(finished, pad_token_id, tok)
+            finished |= tok == eos_token_id
+        out[:, t] = tok
+        if eos_token_id is not None and bool(finished.all()):  # the one sync per token, with eos only
+            return out[:, : t + 1]
         if t + 1 < T + max_new_tokens:
-            pos = torch.tensor(t, device=idx.device)  # a tensor, so a compiled step sees one shape
-            logits = step(out[:, t : t + 1], pos)[:, -1]  # (B, V)
+            logits = step(tok.view(B, 1), pos)[:, -1]  # (B, V); same shapes and strides in every request
+            pos += 1  # in place, on the device: no new tensor from the host
     return out
 
 
-def compile_step(model: nn.Module, *, mode: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+def compile_step(model: nn.Module, *, mode: str | None = None,
+                 backend: str | Callable = "inductor") -> Callable[[Tensor, Tensor], Tensor]:
     """``model``'s one-token decoding step, compiled with ``torch.compile``; pass it to :func:`decode`.
 
     On a GPU the default ``mode="reduce-overhead"`` records the whole step as one CUDA graph,
@@ -78,7 +113,7 @@ def compile_step(model: nn.Module, *, mode: str | None = None) -> Callable[[Tens
     weights. Compiling takes tens of seconds on a CPU, once per model and batch size: it pays
     off for long or repeated generations, not for a single short one. On a CPU, Inductor
     needs a C++ compiler (gcc or clang; Colab, Kaggle and most Linux and macOS machines have
-    one).
+    one). ``backend`` is passed to ``torch.compile`` (a counting backend in the tests).
     """
     device = next(model.parameters()).device
     if mode is None and device.type == "cuda":
@@ -87,4 +122,4 @@ def compile_step(model: nn.Module, *, mode: str | None = None) -> Callable[[Tens
     def one_token(tok: Tensor, pos: Tensor) -> Tensor:
         return model(tok, start_pos=pos, last_only=True)
 
-    return torch.compile(one_token, mode=mode, fullgraph=True)
+    return torch.compile(one_token, mode=mode, fullgraph=True, backend=backend)
