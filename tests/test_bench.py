@@ -1,11 +1,13 @@
 """companion.bench: FLOP counts against PyTorch's FlopCounterMode, byte counts against the
 models' own parameters and caches."""
 
+import sys
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from companion.bench import (H100_SXM, ModelShape, Peak, decode_bytes_per_token, forward_flops_per_token,
+from companion.bench import (H100_SXM, ModelShape, Peak, decode_bytes_per_token, forward_flops_per_token, peak_memory_mib,
                              measure_bandwidth, measure_matmul_flops, median_seconds, roofline_seconds,
                              training_flops_per_token)
 from companion.gpt import GPT, GPTConfig
@@ -127,3 +129,19 @@ def test_bad_arguments_are_named():
         decode_bytes_per_token(shape, 8, batch_size=0)
     with pytest.raises(TypeError, match="no model family for dict"):
         ModelShape.of({})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the exact peak is read from /proc on Linux")
+def test_peak_memory_counts_what_the_call_allocates_and_not_what_came_before():
+    script = "import sys, torch; x = torch.ones(2**25); measure(lambda: torch.ones(int(sys.argv[1])).sum())"
+    small = peak_memory_mib(script, 1)
+    large = peak_memory_mib(script, 2**26)  # 256 MiB of float32, during the call only
+    assert small < 16  # the 128 MiB allocated before the call does not count
+    assert 240 < large < 300
+
+
+def test_peak_memory_needs_one_measure_call_and_reports_failures():
+    with pytest.raises(ValueError, match="exactly once; it called it 0 times"):
+        peak_memory_mib("x = 1")
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        peak_memory_mib("measure(lambda: 1 / 0)")

@@ -154,3 +154,39 @@ def test_setup_cache_reuses_buffers_of_the_same_shape_and_forgets_the_last_seque
     assert torch.equal(again, generate(ours, second, 3 * WINDOW, temperature=0))
     ours.setup_cache(1, 3 * WINDOW)
     assert (ours.layers[0].self_attn.cache.slot_pos == -1).all()
+
+
+@ATTN
+@pytest.mark.parametrize("prompt", [WINDOW + 1, 2 * WINDOW, 3 * WINDOW + 5])
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_window(prompt, attn, monkeypatch):
+    hf, ours = pair(attn=attn)
+    idx = torch.randint(0, 256, (2, prompt + WINDOW), generator=torch.Generator().manual_seed(prompt))
+    key_lengths = []
+    original = mistral.sdpa_attention if attn == "sdpa" else mistral.attention
+
+    def spy(q, k, v, mask):
+        key_lengths.append(k.size(2))
+        return original(q, k, v, mask)
+
+    monkeypatch.setattr(mistral, "sdpa_attention" if attn == "sdpa" else "attention", spy)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        ours.setup_cache(2, idx.size(1))
+        prefill = ours(idx[:, :prompt], start_pos=0)  # (2, prompt, V) from ceil(prompt / W) chunks
+        steps = [ours(idx[:, t:t + 1], start_pos=t) for t in range(prompt, idx.size(1))]
+    assert torch.allclose(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=0)
+    n_chunks = -(-prompt // WINDOW)
+    assert len(key_lengths) == (n_chunks + WINDOW) * CONFIG.num_hidden_layers
+    assert max(key_lengths) <= 2 * WINDOW  # a chunk sees the window's slots and itself, never the prompt
+    assert key_lengths[-1] == WINDOW  # a decoding step attends over the slots alone
+
+
+def test_a_decoding_step_writes_its_slot_and_attends_over_the_buffer_without_copying():
+    cache = RollingKVCache(1, 2, window=4, head_dim=3)
+    for p in range(6):
+        k = torch.full((1, 2, 1, 3), float(p))
+        key_pos = cache.key_positions(torch.tensor([p]))
+        keys, values = cache.update(k, k, torch.tensor([p]))
+        assert keys is cache.k and values is cache.v  # the buffers themselves, not a concatenation
+        assert torch.equal(keys[0, 0, :, 0], key_pos.clamp(min=0).float() * (key_pos >= 0))
+    assert cache.slot_pos.tolist() == [4, 5, 2, 3]

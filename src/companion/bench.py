@@ -14,12 +14,16 @@ to memory bandwidth: the *roofline* model (Williams, Waterman and Patterson, 200
 * :func:`roofline_seconds`: the lower bound on the time of a piece of work.
 * :func:`measure_bandwidth`, :func:`measure_matmul_flops`, :func:`median_seconds`: the
   reader's own machine, measured; :func:`synchronize` waits for a GPU before a clock is read.
+* :func:`peak_memory_mib`: the most memory a piece of code takes beyond what its process
+  held before, measured in a fresh Python process.
 * :data:`H100_SXM`: the data-centre reference the book's GPU results were taken on.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,6 +40,7 @@ __all__ = [
     "measure_bandwidth",
     "measure_matmul_flops",
     "median_seconds",
+    "peak_memory_mib",
     "roofline_seconds",
     "synchronize",
     "training_flops_per_token",
@@ -224,3 +229,47 @@ def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats)
+
+
+# Run in the fresh process before the caller's script: measure(fn) prints fn's extra peak.
+_PEAK_PRELUDE = """
+import resource, sys
+
+def _mib(field):  # resident memory now (VmRSS) or at its peak (VmHWM), from Linux's /proc
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
+
+def measure(fn):
+    if sys.platform.startswith("linux"):
+        open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+        before = _mib("VmRSS:")
+        fn()
+        print("PEAK_MIB", _mib("VmHWM:") - before)
+    else:  # macOS: the lifetime peak only, in bytes
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        print("PEAK_MIB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+"""
+
+
+def peak_memory_mib(script: str, *args: Any) -> float:
+    """Extra peak memory, in MiB, of the call that ``script`` passes to ``measure(fn)``.
+
+    ``script`` runs in a fresh Python process (``args`` in its ``sys.argv[1:]``), so nothing
+    allocated before counts: it builds what it needs, then calls ``measure(fn)``, which
+    reads the resident memory, runs ``fn()`` and reports the most the process held during
+    the call beyond it. These are the operating system's figures (on Linux, ``VmRSS`` and
+    ``VmHWM`` in ``/proc/self/status``, the peak reset just before the call; on macOS the
+    process's lifetime peak, which hides allocations smaller than what came before), so they
+    vary a little from run to run.
+
+    >>> peak_memory_mib("import numpy; measure(lambda: numpy.ones(2**25))") > 200  # 256 MiB
+    True
+    """
+    done = subprocess.run([sys.executable, "-c", _PEAK_PRELUDE + script, *map(str, args)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the measured script failed:\n{done.stderr[-2000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PEAK_MIB ")]
+    if len(lines) != 1:
+        raise ValueError(f"the script must call measure(fn) exactly once; it called it {len(lines)} times")
+    return float(lines[0].split()[1])

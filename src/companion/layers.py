@@ -432,19 +432,26 @@ class RollingKVCache(nn.Module):
     ``p - window``, which has just fallen out of every later query's window. Memory stays at
     ``window`` positions however long the sequence grows.
 
-    :meth:`update` returns the slots as they were *before* this call, followed by the new keys
-    (a chunk of many new tokens, such as a prompt, needs all of them), and only then writes
-    the last ``window`` new positions into their slots. ``slot_pos`` records the position in
-    each slot (-1 while empty); :meth:`key_positions`, called before :meth:`update`, gives the
-    positions of the keys it will return.
+    A decoding step (one new token at position ``p``) writes its key and value into slot
+    ``p % window`` and attends over the ``window`` slots as they are: nothing is concatenated
+    or copied, whatever the length of the sequence. A chunk of several new tokens (a prompt)
+    cannot do that, because its first queries still need the keys its last ones overwrite:
+    :meth:`update` then returns the slots as they were *before* the chunk, followed by the
+    chunk's keys, and only then writes the chunk's last ``window`` positions into their
+    slots. Feeding a long prompt in chunks of at most ``window`` tokens (as
+    :class:`~companion.mistral.Mistral` does) keeps that at ``2 * window`` keys.
+    ``slot_pos`` records the position in each slot (-1 while empty); :meth:`key_positions`,
+    called before :meth:`update`, gives the positions of the keys it will return.
 
     >>> cache = RollingKVCache(1, 1, window=3, head_dim=1)
     >>> for p in range(5):
     ...     _ = cache.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([p]))
     >>> cache.slot_pos.tolist()  # positions 3 and 4 overwrote 0 and 1
     [3, 4, 2]
-    >>> cache.key_positions(torch.tensor([5])).tolist()  # position 5 will see 3, 4 and itself
-    [3, 4, 2, 5]
+    >>> cache.key_positions(torch.tensor([5])).tolist()  # position 5 goes to slot 2, with 3 and 4
+    [3, 4, 5]
+    >>> cache.key_positions(torch.tensor([5, 6])).tolist()  # a chunk sees the old slots, then itself
+    [3, 4, 2, 5, 6]
     """
 
     def __init__(
@@ -464,6 +471,7 @@ class RollingKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slot_pos", torch.full((window,), -1, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(window, device=device), persistent=False)
 
     def reset(self) -> None:
         """Empty every slot, keeping the buffers."""
@@ -472,14 +480,28 @@ class RollingKVCache(nn.Module):
         self.slot_pos.fill_(-1)
 
     def key_positions(self, positions: Tensor) -> Tensor:
-        """Positions ``(W + T,)`` of the keys :meth:`update` will return for new ``positions``."""
+        """Positions of the keys :meth:`update` will return for new ``positions`` ``(T,)``.
+
+        ``(W,)`` for one new token (the slots after it is written), ``(W + T,)`` for a chunk.
+        """
+        if positions.size(0) == 1:  # a decoding step: the slot p % W now holds p
+            return torch.where(self.slots == positions % self.window, positions, self.slot_pos)
         return torch.cat((self.slot_pos, positions))
 
     def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Return earlier slots plus the new ``k``, ``v`` ``(B, K, T, D)``; then store the new ones.
+        """Store the new ``k``, ``v`` ``(B, K, T, D)``; return the keys and values to attend over.
 
-        Returns keys and values ``(B, K, W + T, D)``, in the order of :meth:`key_positions`.
+        One new token: written into its slot first, then the ``(B, K, W, D)`` buffers are
+        returned as they are. A chunk: the earlier slots followed by the chunk,
+        ``(B, K, W + T, D)``, after which the chunk's last ``W`` positions are stored. Both in the
+        order of :meth:`key_positions`.
         """
+        if k.size(2) == 1:  # overwrites position p - W, which no query from p on can see
+            slot = positions % self.window
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            self.slot_pos.index_copy_(0, slot, positions)
+            return self.k, self.v
         keys = torch.cat((self.k, k), dim=2)  # (B, K, W + T, D)
         values = torch.cat((self.v, v), dim=2)
         n = min(k.size(2), self.window)  # only the last `window` new positions can be read again

@@ -292,6 +292,8 @@ class Mistral(nn.Module):
         elif not use_cache and T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of length {T} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if use_cache and isinstance(cache, RollingKVCache) and T > cache.window:
+            return self._prefill_in_chunks(idx, start_pos, last_only, cache.window)
         positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,)
         k_pos = cache.key_positions(positions) if use_cache else positions  # (S,): where each key sits
         mask = attention_mask(positions, k_pos, window=self.config.sliding_window)  # (T, S), the same for every layer
@@ -302,6 +304,16 @@ class Mistral(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _prefill_in_chunks(self, idx: Tensor, start_pos: int | Tensor, last_only: bool, window: int) -> Tensor:
+        """Feed ``idx`` ``(B, T)`` through the rolling cache in chunks of ``window`` tokens.
+
+        Each chunk attends over at most ``2 * window`` keys (the slots, then itself), so the
+        memory of a prefill grows with ``T`` only through its inputs and outputs, not ``T x T``.
+        """
+        logits = [self(idx[:, i : i + window], start_pos=start_pos + i, last_only=last_only)
+                  for i in range(0, idx.size(1), window)]
+        return logits[-1] if last_only else torch.cat(logits, dim=1)  # (B, 1, V) or (B, T, V)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
