@@ -12,9 +12,14 @@ reads every weight once (except the embedding table, of which it reads one row),
     # GPU: a Llama-2-7B-shaped model in bfloat16
     python benchmarks/decode.py --device cuda
 
-Each run times Hugging Face ``generate``, our eager loop and our loop with the step compiled
-by :func:`companion.decode.compile_step` (on a CPU, tens of seconds of compilation first, not
-counted; ``--no-compile`` skips it).
+Each run times Hugging Face ``generate`` (with its dynamic cache, and with
+``cache_implementation="static"``), our eager loop and our loop with the step compiled by
+:func:`companion.decode.compile_step` (on a CPU, tens of seconds of compilation first, not
+counted; ``--no-compile`` skips it). ``--quant int8 int4`` adds our weight-only quantized
+models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
+the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights:
+
+    .venv/bin/python benchmarks/decode.py --quant int8 int4
 
 Timings on a shared machine are noisy: run it twice and compare the ratios, not the digits.
 """
@@ -27,7 +32,7 @@ import time
 
 import torch
 
-from companion.bench import synchronize
+from companion.bench import measure_bandwidth, synchronize
 from companion.checkpoint import hf_state_dict
 from companion.decode import compile_step, decode
 from companion.llama import Llama, LlamaConfig, count_parameters
@@ -87,6 +92,33 @@ def interleaved(runners: dict, device: torch.device, repeats: int) -> dict:
     return {name: (outputs[name], statistics.median(times[name])) for name in runners}
 
 
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes a new token reads: every weight and quantization scale, but one row of the embedding table."""
+    def nbytes(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao): count what it stores
+            return sum(nbytes(getattr(t, inner)) for inner in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or "cache" in name or "slot" in name:
+            continue  # tied weights count once; the KV cache is not a weight
+        seen.add(id(t))
+        total += nbytes(t) // (t.size(0) if "embed" in name else 1)
+    return total
+
+
+def torchao_int8(hf: torch.nn.Module) -> torch.nn.Module:
+    """A bf16 copy of the Hugging Face model with torchao's int8 weight-only linears."""
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = copy.deepcopy(hf).to(torch.bfloat16)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -100,54 +132,81 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time our decoding step under torch.compile (CUDA graphs on a GPU); "
                              "--no-compile skips it")
+    parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time generate with cache_implementation='static'")
+    parser.add_argument("--quant", nargs="+", choices=["int8", "int4"], default=[],
+                        help="also time our weight-only int8 and/or int4 models (compiled), and "
+                             "torchao's int8 weight-only (bf16 activations, compiled) when int8 is asked")
+    parser.add_argument("--group-size", type=int, default=64, help="group size of int4 (32, 64 or 128)")
     parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="the device's memory bandwidth in GB/s (default: 3350 for CUDA, an H100 SXM)")
+                        help="the device's memory bandwidth in GB/s (default: measured by summing a large tensor)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     size = args.size or ("cpu" if device.type == "cpu" else "llama-2-7b")
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
-    peak = args.peak_gbps or (3350.0 if device.type == "cuda" else None)
     if args.threads:
         torch.set_num_threads(args.threads)
+    peak = args.peak_gbps or measure_bandwidth(device, megabytes=1024 if device.type == "cuda" else 512) / 1e9
     torch.manual_seed(0)
 
     config = LlamaConfig(**SIZES[size])
     n_params = count_parameters(config)
-    # Bytes a new token must read: every weight except the embedding table, of which it reads one row.
-    weight_bytes = (n_params - config.vocab_size * config.hidden_size) * dtype.itemsize
     ours, hf = build(config, device, dtype)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
     n = args.new_tokens
-    print(f"model: Llama-shaped '{size}', {n_params / 1e6:.1f}M parameters, {dtype}, "
-          f"{weight_bytes / 1e9:.2f} GB of weights read per token, on {device} ({torch.get_num_threads()} CPU threads)")
+    max_len = args.prompt_len + n
+    print(f"model: Llama-shaped '{size}', {n_params / 1e6:.1f}M parameters, {dtype}, on {device} "
+          f"({torch.get_num_threads()} CPU threads); measured memory bandwidth {peak:.1f} GB/s")
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(0)}")
     print(f"greedy decoding of {n} new tokens after a {args.prompt_len}-token prompt, median of {args.repeats}")
 
-    runners = {
-        "transformers generate": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n,
-                                                     do_sample=False, use_cache=True),
-        "ours, eager": lambda: decode(ours, prompt, n),
-    }
+    def hf_generate(model, **kwargs):
+        return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      use_cache=True, **kwargs)
+
+    models = {"transformers generate": hf, "ours, eager": ours}
+    runners = {"transformers generate": hf_generate(hf),
+               "ours, eager": lambda: decode(ours, prompt, n, max_seq_len=max_len)}
+    if args.static:
+        models["generate, static cache"] = hf
+        runners["generate, static cache"] = hf_generate(hf, cache_implementation="static")
     if args.compile:
         step = compile_step(ours)
-        runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, step=step)
+        models["ours, torch.compile"] = ours
+        runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, max_seq_len=max_len, step=step)
+    for scheme in args.quant:
+        import copy
+
+        from companion.quantize import quantize_
+
+        quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
+        name = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "") + ", compiled"
+        qstep = compile_step(quantized)
+        models[name] = quantized
+        runners[name] = lambda m=quantized, s=qstep: decode(m, prompt, n, max_seq_len=max_len, step=s)
+        if scheme == "int8":
+            ao = torchao_int8(hf)
+            ao.forward = torch.compile(ao.forward, fullgraph=True)
+            models["torchao int8, compiled"] = ao
+            runners["torchao int8, compiled"] = hf_generate(ao, cache_implementation="static")
     runs = interleaved(runners, device, args.repeats)
 
     reference_tokens, reference_seconds = runs["transformers generate"]
-    print(f"\n{'':24s} {'tokens/s':>9s} {'vs HF':>7s} {'GB/s':>8s}" + (f" {'of peak':>8s}" if peak else "")
-          + "  same tokens as HF")
+    print(f"\n{'':26s} {'tokens/s':>9s} {'vs HF':>7s} {'GB/token':>9s} {'GB/s':>7s} {'of bw':>6s}"
+          "  tokens as HF fp32")
     for name, (tokens, seconds) in runs.items():
         rate = n / seconds
-        gbps = weight_bytes * rate / 1e9
-        same = torch.equal(tokens.cpu(), reference_tokens.cpu())
-        line = f"{name:24s} {rate:9.1f} {reference_seconds / seconds:6.2f}x {gbps:8.1f}"
-        if peak:
-            line += f" {gbps / peak:8.1%}"
-        print(line + f"  {same}")
-    print("\nGB/s = weight bytes x tokens/s: each new token reads every weight once (the embedding "
-          "table excepted); the prompt's single pass is included in the time.")
+        per_token = weight_bytes_read(models[name])
+        gbps = per_token * rate / 1e9
+        same = (tokens.cpu()[:, args.prompt_len:] == reference_tokens.cpu()[:, args.prompt_len:]).float().mean()
+        print(f"{name:26s} {rate:9.1f} {reference_seconds / seconds:6.2f}x {per_token / 1e9:9.3f} "
+              f"{gbps:7.1f} {gbps / peak:6.0%}  {same:.0%} the same")
+    print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
+          "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
+          "single pass is included in the time. Quantized models are other models: their tokens may "
+          "differ from the float32 ones.")
 
 
 if __name__ == "__main__":
