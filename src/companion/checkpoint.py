@@ -352,7 +352,15 @@ def load_model(model_cls: Callable[[Any], nn.Module], config: Any, path: str | P
     Names and shapes are checked from the headers before any weight is read. The model is
     built on the ``meta`` device (shapes, no memory), then given empty memory on ``device``,
     so only one copy of the weights ever exists. Returns the model in eval mode.
+
+    A directory whose ``config.json`` has a ``quantization_config`` (written by
+    :func:`companion.quantize.save_quantized`) is loaded by :func:`companion.quantize.load_quantized`.
     """
+    quantization = read_config(path).get("quantization_config")
+    if quantization is not None:
+        from companion.quantize import load_quantized  # imported here: quantize imports this module
+
+        return load_quantized(model_cls, config, path, expected, quantization, dtype=dtype, device=device)
     ckpt = Checkpoint(path)
     check_tensors(expected, ckpt.shapes(), where=f"the checkpoint in {ckpt.path}")
     with torch.device("meta"):

@@ -255,7 +255,7 @@ class Llama(nn.Module):
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        weight = self.lm_head.weight
+        weight = self.norm.weight  # the model's dtype and device (lm_head may be quantized)
         shape = (batch_size, self.config.num_key_value_heads, max_seq_len, self.config.head_dim)
         for block in self.layers:
             old = block.self_attn.cache

@@ -258,7 +258,7 @@ class Mistral(nn.Module):
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        c, weight = self.config, self.lm_head.weight
+        c, weight = self.config, self.norm.weight  # the model's dtype and device (lm_head may be quantized)
         self.max_seq_len = max_seq_len
         kind = RollingKVCache if rolling and c.sliding_window is not None else KVCache
         slots = min(c.sliding_window, max_seq_len) if kind is RollingKVCache else max_seq_len
