@@ -100,18 +100,24 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
         return t.numel() * t.element_size()
 
     seen, total = set(), 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or "cache" in name or "slot" in name:
-            continue  # tied weights count once; the KV cache is not a weight
-        seen.add(id(t))
-        total += nbytes(t) // (t.size(0) if "embed" in name else 1)
+    for module_name, module in model.named_modules():
+        tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        if getattr(module, "kernel_weight", None) is not None:  # Int4Linear: the step reads the kernel's copy
+            tensors = {k: v for k, v in tensors.items() if k not in ("qweight", "scales", "mins")}
+        for name, t in tensors.items():
+            if t is None or id(t) in seen or "cache" in module_name or name in ("k", "v", "slot_pos"):
+                continue  # tied weights count once; the KV cache is not a weight
+            seen.add(id(t))
+            total += nbytes(t) // (t.size(0) if "embed" in module_name else 1)
     return total
 
 
 def torchao_int8(hf: torch.nn.Module) -> torch.nn.Module:
     """A bf16 copy of the Hugging Face model with torchao's int8 weight-only linears."""
     import copy
+    import logging
 
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # a warning per GPU library missing on a CPU
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     model = copy.deepcopy(hf).to(torch.bfloat16)
