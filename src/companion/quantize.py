@@ -226,7 +226,23 @@ def _float_linear(weight: Tensor, bias: Tensor | None) -> Linear:
     return layer
 
 
-class Int8Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What :class:`Int8Linear` and :class:`Int4Linear` share: a float view of the weight and the readable path."""
+
+    def dequantize_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """:meth:`dequantize_weight`, for code that reads ``layer.weight`` (built anew on every read)."""
+        return self.dequantize_weight()
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Dequantize the whole matrix, then ``F.linear``: readable, exact in ``x``'s dtype, slow."""
+        return F.linear(x, self.dequantize_weight().to(x.dtype), self.bias)
+
+
+class Int8Linear(_QuantizedLinear):
     """A linear layer with an int8 weight, one scale per output row, and a float bias.
 
     Buffers: ``qweight`` int8 ``(out, in)``, ``scales`` ``(out,)`` in the model's dtype.
@@ -261,14 +277,6 @@ class Int8Linear(nn.Module):
         """The float weight ``(out, in)`` this layer computes with: ``scales[:, None] * qweight``."""
         return dequantize_int8(self.qweight, self.scales)
 
-    @property
-    def weight(self) -> Tensor:
-        """:meth:`dequantize_weight`, for code that reads ``layer.weight`` (built anew on every read)."""
-        return self.dequantize_weight()
-
-    def reference_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize_weight().to(x.dtype), self.bias)
-
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return self.reference_forward(x)
@@ -294,7 +302,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """A linear layer with an int4 weight, a scale and a minimum per group of inputs, and a float bias.
 
     Buffers: ``qweight`` uint8 ``(out, in/2)`` (:func:`pack_int4`), ``scales`` and ``mins``
@@ -354,14 +362,6 @@ class Int4Linear(nn.Module):
     def dequantize_weight(self) -> Tensor:
         """The float weight ``(out, in)`` this layer computes with: ``q * scale + min`` per group."""
         return dequantize_int4(self.qweight, self.scales, self.mins)
-
-    @property
-    def weight(self) -> Tensor:
-        """:meth:`dequantize_weight`, for code that reads ``layer.weight`` (built anew on every read)."""
-        return self.dequantize_weight()
-
-    def reference_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize_weight().to(x.dtype), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel_weight is None or x.device.type != "cpu":
