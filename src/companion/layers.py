@@ -471,7 +471,6 @@ class RollingKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slot_pos", torch.full((window,), -1, device=device), persistent=False)
-        self.register_buffer("slots", torch.arange(window, device=device), persistent=False)
 
     def reset(self) -> None:
         """Empty every slot, keeping the buffers."""
@@ -485,7 +484,8 @@ class RollingKVCache(nn.Module):
         ``(W,)`` for one new token (the slots after it is written), ``(W + T,)`` for a chunk.
         """
         if positions.size(0) == 1:  # a decoding step: the slot p % W now holds p
-            return torch.where(self.slots == positions % self.window, positions, self.slot_pos)
+            slots = torch.arange(self.window, device=positions.device)
+            return torch.where(slots == positions % self.window, positions, self.slot_pos)
         return torch.cat((self.slot_pos, positions))
 
     def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
