@@ -50,7 +50,9 @@ def same(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str
             return f"expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}"
         g, e = got.detach().double().cpu(), expected.detach().double().cpu()
         if not torch.allclose(g, e, atol=atol, rtol=rtol, equal_nan=True):
-            worst = (g - e).abs().nan_to_num(float("inf")).flatten().argmax().item()
+            gap = (g - e).abs()
+            gap[(g == e) | (g.isnan() & e.isnan())] = 0  # equal infinities and NaN pairs agree
+            worst = gap.nan_to_num(float("inf")).flatten().argmax().item()
             index = tuple(int(i) for i in np.unravel_index(worst, tuple(e.shape))) if e.dim() else ()
             return (f"values differ: at index {index} expected {e.flatten()[worst].item():.6g}, "
                     f"got {g.flatten()[worst].item():.6g}")
