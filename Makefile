@@ -20,7 +20,7 @@ PYTEST_WORKERS ?= 2
 # core. An output that only one kind of CPU prints fails here, on the author's machine.
 OTHER_KERNELS = ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OPENBLAS_CORETYPE=Sandybridge
 
-.PHONY: book test test-other-kernels install-book install-test site lab execute sync student serve clean
+.PHONY: book test test-other-kernels install-book install-test install-grading site lab execute sync student assignment grade serve clean
 
 # ---- the two commands ------------------------------------------------------------------
 
@@ -48,13 +48,18 @@ $(VENV)/.book: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e ".[book]"
 	@touch $@
 
+$(VENV)/.grading: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[grading]"
+	@touch $@
+
 $(VENV)/.test: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[book,test,reference]"
+	$(BIN)/python -m pip install --quiet -e ".[book,test,reference,grading]"
 	@bash tools/ensure_chromium.sh
 	@touch $@
 
 install-book: $(VENV)/.book
 install-test: $(VENV)/.test
+install-grading: $(VENV)/.grading
 
 # ---- the site ----------------------------------------------------------------------------
 
@@ -79,5 +84,11 @@ sync: install-book  ## write repository.url from _config.yml into every chapter
 student: install-book  ## student copies without solutions: make student CHAPTERS="chapters/02_attention.ipynb"
 	$(BIN)/python -m companion.student $(or $(CHAPTERS),chapters/*.ipynb) --out student
 
+assignment: install-grading  ## graded assignments for otter-grader: make assignment CHAPTERS="chapters/02_attention.ipynb"
+	$(BIN)/python -m companion.assignment make $(or $(CHAPTERS),chapters/*.ipynb) --out assignments
+
+grade: install-grading  ## grade a folder of notebooks: make grade ASSIGNMENT=assignments/02_attention SUBMISSIONS=submitted/
+	$(BIN)/python -m companion.assignment grade $(ASSIGNMENT) $(SUBMISSIONS) --out $(or $(OUT),grades)
+
 clean:
-	rm -rf _build student .pytest_cache
+	rm -rf _build student assignments grades .pytest_cache
