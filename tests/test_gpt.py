@@ -170,6 +170,77 @@ def test_flops_per_token_counts_6n_plus_attention():
     assert model.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
 
 
+# ---- the KV cache ---------------------------------------------------------------------------
+
+
+def varied_gpt(attn="sdpa", n_positions=48):
+    """A tiny GPT whose greedy tokens vary (weights larger than at initialisation)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", n_positions=n_positions, attn_implementation=attn)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.2) if ".ln_" in name and name.endswith("weight") else p.normal_(0.0, 0.2 if p.dim() > 1 else 0.02)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "explicit"])
+def test_cached_logits_equal_the_whole_sequence_pass(attn):
+    model = varied_gpt(attn)
+    idx = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model(idx)
+        model.setup_cache(2, 24)
+        pieces = [model(idx[:, :7], start_pos=0)]  # a prompt, then one token at a time
+        pieces += [model(idx[:, t : t + 1], start_pos=t) for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "explicit"])
+def test_cached_decoding_equals_uncached_generation(attn):
+    from companion.decode import decode
+    from companion.generate import generate
+
+    model = varied_gpt(attn)
+    prompt = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(2))
+    uncached = generate(model, prompt, 40, temperature=0.0)  # 45 of the 48 positions
+    assert torch.equal(decode(model, prompt, 40), uncached)  # a cache of n_positions slots
+    assert torch.equal(generate(model, prompt, 40, temperature=0.0, use_cache=True), uncached)
+    assert len(set(uncached[0, 5:].tolist())) > 5  # not one repeated token
+
+
+def test_cached_greedy_tokens_equal_hugging_face_generate():
+    from companion.decode import decode
+
+    hf = tiny_hf(seed=3)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(5.0)  # larger than GPT-2's initialisation: logits far apart, varied tokens
+    ours = gpt_from_hf(hf)
+    prompt = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(decode(ours, prompt, 30, eos_token_id=0), want)
+
+
+def test_cache_errors_name_the_sizes():
+    model = GPT(GPTConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="max_seq_len=33 is longer than the context length n_positions=32"):
+        model.setup_cache(1, 33)
+    with pytest.raises(ValueError, match="no cache: call setup_cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), start_pos=0)
+    model.setup_cache(2, 8)
+    with pytest.raises(ValueError, match="positions 6..8 for batch 2 do not fit the cache of 8 positions"):
+        model(torch.zeros(2, 3, dtype=torch.long), start_pos=6)
+
+
+def test_the_cache_adds_nothing_to_the_state_dict():
+    model = GPT(GPTConfig.preset("tiny"))
+    keys = set(model.state_dict())
+    model.setup_cache(2, 8)
+    assert set(model.state_dict()) == keys
+
+
 # ---- Hugging Face parity --------------------------------------------------------------------
 
 

@@ -10,6 +10,14 @@ Module and parameter names are those of Hugging Face's ``GPT2LMHeadModel``
 (``transformer.h.0.attn.c_attn.weight``, ...), so a GPT-2 checkpoint maps onto this model
 key for key; only GPT-2's ``Conv1D`` weights are stored transposed (:func:`gpt_from_hf`).
 
+``model(idx)`` runs a whole sequence. For generation the model also follows the KV-cache
+protocol of Llama, Mistral and Phi (:func:`companion.generate.generate`,
+:func:`companion.decode.decode`): after ``model.setup_cache(batch_size, max_seq_len)``,
+``model(idx, start_pos=p)`` feeds the tokens at positions ``p, p+1, ...``, keeps their keys
+and values in a preallocated :class:`~companion.layers.KVCache` and attends over it. The
+positions enter through the learned table ``wpe``, read at each token's own position, so a
+token fed at position ``p`` gets the same embedding as in the whole-sequence pass.
+
 Letters used in shape comments: B batch, T time, C channels (``n_embd``), H heads,
 D head dimension (``C // H``), V vocabulary.
 """
@@ -23,6 +31,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from companion.layers import KVCache, positions_and_mask
 
 __all__ = [
     "PRESETS",
@@ -100,6 +110,18 @@ class GPTConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    @property
+    def max_position_embeddings(self) -> int:
+        """``n_positions`` under the name Llama, Mistral and Phi use for the context length.
+
+        Code written for their configs (:func:`companion.decode.decode` sizes its cache with
+        it) reads a GPT's too.
+
+        >>> GPTConfig.preset("tiny").max_position_embeddings
+        32
+        """
+        return self.n_positions
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -108,7 +130,8 @@ class GPTConfig:
 
 
 def causal_attention(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, training: bool = False
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, training: bool = False,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Causal scaled dot-product attention written out: ``softmax(mask(QK^T / sqrt(D))) V``.
 
@@ -116,14 +139,21 @@ def causal_attention(
     to positions ``0..t`` only. This is what ``F.scaled_dot_product_attention(q, k, v,
     is_causal=True)`` computes, without materialising the ``(T, T)`` matrix there.
 
+    A bool ``mask`` (True where allowed, ``(T, S)`` or broadcastable to ``(B, H, T, S)``)
+    replaces the causal one, for ``S`` keys that need not be the ``T`` queries' own: the
+    slots of a KV cache, or a batch with padding (:func:`companion.layers.positions_and_mask`).
+
     >>> q = k = v = torch.randn(1, 1, 3, 2)
     >>> out = causal_attention(q, k, v)
     >>> torch.allclose(out[..., 0, :], v[..., 0, :])  # the first position sees only itself
     True
     """
     T, D = q.size(-2), q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, S), S = T without a cache
+    if mask is None:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    else:
+        future = ~mask  # whatever the mask does not allow
     scores = scores.masked_fill(future, float("-inf"))  # mask *before* the softmax
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p, training=training)
@@ -141,19 +171,34 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.cache: KVCache | None = None  # made by GPT.setup_cache
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``(B, T, C)`` -> ``(B, T, C)``."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, T, C)`` -> ``(B, T, C)``.
+
+        Without ``mask``: causal attention among the ``T`` positions of ``x``. With a bool
+        ``mask`` ``(T, S)`` or ``(B, T, S)`` (True where allowed), the queries attend to the
+        keys it allows. With ``positions`` ``(T,)`` too, the new keys and values are first
+        written into :attr:`cache` there, and the ``S`` keys are every slot of the cache.
+        """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         p = self.dropout if self.training else 0.0
-        if self.attn_implementation == "sdpa":
+        if positions is not None:
+            if mask is None:
+                raise ValueError("positions were given without a mask: the cache's slots need one")
+            k, v = self.cache.update(k, v, positions)  # (B, H, S, D): every slot of the cache
+        if mask is not None and mask.dim() == 3:  # (B, T, S): one mask per sequence, shared by its heads
+            mask = mask[:, None]  # (B, 1, T, S)
+        if self.attn_implementation == "sdpa" and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif self.attn_implementation == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
-            y = causal_attention(q, k, v, dropout_p=p, training=self.training)
+            y = causal_attention(q, k, v, dropout_p=p, training=self.training, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -183,8 +228,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, positions)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -238,22 +283,71 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Token ids ``(B, T)`` with ``T <= n_positions`` -> logits ``(B, T, V)``."""
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """A KV cache for ``batch_size`` sequences of up to ``max_seq_len`` positions, emptied.
+
+        Each block's attention gets a :class:`~companion.layers.KVCache` of ``(batch_size,
+        n_head, max_seq_len, head_dim)`` keys and values. Buffers of the same shape are reused
+        rather than allocated again.
+        """
+        if max_seq_len > self.config.n_positions:
+            raise ValueError(f"max_seq_len={max_seq_len} is longer than the context length "
+                             f"n_positions={self.config.n_positions}")
+        weight = self.transformer.wte.weight  # the model's dtype and device
+        shape = (batch_size, self.config.n_head, max_seq_len, self.config.head_dim)
+        for block in self.transformer.h:
+            old = block.attn.cache
+            if old is not None and old.k.shape == shape and old.k.dtype == weight.dtype and old.k.device == weight.device:
+                old.reset()  # same shape: keep the buffers, so a compiled decoding step can be reused
+            else:
+                block.attn.cache = KVCache(*shape, dtype=weight.dtype, device=weight.device)
+
+    def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False,
+                left_pad: Tensor | None = None) -> Tensor:
+        """Token ids ``(B, T)`` with ``T <= n_positions`` -> logits ``(B, T, V)``.
+
+        ``start_pos=None`` runs the sequence on its own, at positions ``0 .. T-1``. An int (or
+        a 0-d tensor) places the tokens at ``start_pos ..`` and uses the cache made by
+        :meth:`setup_cache`. ``last_only=True`` returns logits for the last position only
+        ``(B, 1, V)``. ``left_pad`` ``(B,)`` is the number of padding tokens at the start of
+        each row of a left-padded batch (:func:`companion.batching.generate_batch`): each row
+        reads ``wpe`` from its first real token on, and no query attends to padding
+        (:func:`~companion.layers.positions_and_mask`).
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.config.n_positions:
+        if left_pad is not None and tuple(left_pad.shape) != (B,):
+            raise ValueError(f"left_pad must have one entry per row, shape ({B},), got {tuple(left_pad.shape)}")
+        use_cache = start_pos is not None
+        cache = self.transformer.h[0].attn.cache
+        if use_cache and cache is None:
+            raise ValueError("start_pos was given but there is no cache: call setup_cache(batch_size, max_seq_len)")
+        if use_cache and isinstance(start_pos, int):
+            if start_pos + T > cache.max_seq_len or B != cache.k.size(0):
+                raise ValueError(f"tokens at positions {start_pos}..{start_pos + T - 1} for batch {B} do not fit "
+                                 f"the cache of {cache.max_seq_len} positions for batch {cache.k.size(0)}")
+        elif not use_cache and T > self.config.n_positions:
             raise ValueError(
                 f"cannot run a sequence of length {T}: the context length n_positions is "
                 f"{self.config.n_positions} (crop the input, e.g. generate(..., context_length="
                 f"{self.config.n_positions}))"
             )
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        pos = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,)
+        if use_cache or left_pad is not None:  # attend over the cache's slots, or around padding
+            k_pos = cache.key_positions(pos) if use_cache else pos  # (S,): where each key sits
+            # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S)
+            seq_pos, mask = positions_and_mask(pos, k_pos, left_pad)
+        else:  # the whole sequence on its own: plain causal attention
+            seq_pos, mask = pos, None
+        if left_pad is not None:  # padding sits at negative positions: give it wpe[0], no query reads it
+            seq_pos = seq_pos.clamp(min=0)
+        x = self.transformer.wte(idx) + self.transformer.wpe(seq_pos)  # (B, T, C) + (T, C) or (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, mask, pos if use_cache else None)
+        if last_only:
+            x = x[:, -1:]
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, V)
 

@@ -1,4 +1,4 @@
-"""Building blocks shared by Llama 2, Mistral and Phi-2.
+"""Building blocks shared by Llama 2, Mistral and Phi-2 (and, for caching, chapter 7's GPT).
 
 * :class:`Linear`: ``nn.Linear`` with a decoding fast path for ``torch.compile`` on a CPU.
 * :class:`RMSNorm`: LayerNorm without the mean and the bias (Zhang and Sennrich, 2019).
@@ -15,11 +15,14 @@
   ``F.scaled_dot_product_attention``.
 * :func:`attention_mask`: which key positions each query position may see, causal and
   optionally inside a sliding window, built from positions so it works with or without a
-  cache.
+  cache. :func:`positions_and_mask`: the positions and the mask of a *left-padded* batch,
+  where each row counts its own positions from its first real token
+  (:mod:`companion.batching`).
 * :class:`KVCache`: preallocated keys and values, written at a position index (fixed shapes,
   so ``torch.compile`` and CUDA graphs can capture the decoding step).
   :class:`RollingKVCache`: the same for sliding-window attention, with ``window`` slots and
-  position ``p`` stored in slot ``p % window`` (Jiang et al., 2023).
+  position ``p`` stored in slot ``p % window`` (Jiang et al., 2023). Both can drop rows of
+  the batch (:meth:`KVCache.keep_rows`) when some sequences are finished.
 
 Letters used in shape comments: B batch, T time (new tokens), S key positions, C channels,
 H query heads, K key/value heads (``H_kv``), G query heads per key/value head (``H // K``),
@@ -48,6 +51,7 @@ __all__ = [
     "interleaved_to_half_split",
     "kv_cache_bytes",
     "kv_head_of",
+    "positions_and_mask",
     "rope_cos_sin",
     "rope_inv_freq",
     "rotate_half",
@@ -146,15 +150,18 @@ def rope_cos_sin(
     ``positions`` ``(T,)`` holds integer positions. Angle ``positions[t] * inv_freq[i]``
     appears twice in each row, at ``i`` and at ``i + R/2``, because feature ``i`` is rotated
     together with feature ``i + R/2``. Angles are computed in float32 and then cast to
-    ``dtype``.
+    ``dtype``. Positions ``(B, T)``, one row per sequence (a left-padded batch, where each
+    sequence has its own positions), give ``(B, T, R)``.
 
     >>> cos, sin = rope_cos_sin(torch.arange(3), rotary_dim=4, theta=100.0)
     >>> sin[1]  # position 1: angles 1.0 and 0.1 radians, each twice
     tensor([0.8415, 0.0998, 0.8415, 0.0998])
+    >>> rope_cos_sin(torch.tensor([[0, 1, 2], [-1, 0, 1]]), rotary_dim=4)[0].shape
+    torch.Size([2, 3, 4])
     """
     inv_freq = rope_inv_freq(rotary_dim, theta).to(positions.device)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, R/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, R)
+    freqs = positions.float()[..., None] * inv_freq  # (T, R/2) or (B, T, R/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, R) or (B, T, R)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -176,7 +183,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Only the first ``R`` features of each head are rotated (partial rotary when ``R < D``,
     as in Phi-2); the other ``D - R`` carry no position. Half-split layout: feature ``i``
-    turns together with feature ``i + R/2``.
+    turns together with feature ``i + R/2``. Angles ``(B, T, R)`` give each sequence of the
+    batch its own positions; every head of a sequence turns by the same angles.
 
     >>> x = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])  # (B=1, H=1, T=1, D=4)
     >>> cos, sin = rope_cos_sin(torch.tensor([1]), rotary_dim=2)
@@ -186,6 +194,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     R = cos.size(-1)
     if R > x.size(-1):
         raise ValueError(f"rotary dimension {R} is larger than the head dimension {x.size(-1)}")
+    if cos.dim() == 3:  # (B, T, R): one set of angles per sequence, shared by its heads
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R)
     if R == x.size(-1):
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :R], x[..., R:]
@@ -289,7 +299,8 @@ def attention_mask(
     ``q_pos`` ``(T,)`` and ``k_pos`` ``(S,)`` are the positions of the queries and of the keys.
     A query sees keys at its own position and before (causal); with a ``window``, only the
     last ``window`` of them (itself included), as in Mistral. Keys at negative positions are
-    empty cache slots and are never seen.
+    empty cache slots (or padding) and are never seen. Positions ``(B, T)`` and ``(B, S)``,
+    one row per sequence, give one mask per sequence, ``(B, T, S)``.
 
     >>> attention_mask(torch.arange(4), torch.arange(4), window=2).int()
     tensor([[1, 0, 0, 0],
@@ -297,11 +308,53 @@ def attention_mask(
             [0, 1, 1, 0],
             [0, 0, 1, 1]], dtype=torch.int32)
     """
-    q, k = q_pos[:, None], k_pos[None, :]  # (T, 1), (1, S)
+    q, k = q_pos[..., :, None], k_pos[..., None, :]  # (..., T, 1), (..., 1, S)
     allowed = (k <= q) & (k >= 0)
     if window is not None:
         allowed = allowed & (q - k < window)
-    return allowed  # (T, S)
+    return allowed  # (T, S) or (B, T, S)
+
+
+def positions_and_mask(
+    slots: Tensor, key_slots: Tensor, left_pad: Tensor | None = None, window: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The positions of the queries, and the attention mask, for a batch that may be left-padded.
+
+    A batch of prompts of different lengths is made rectangular by padding each on the left,
+    so that every prompt ends in the same column and every new token goes into the same
+    column (the same cache slot) for all of them. ``slots`` ``(T,)`` are the columns of the
+    new tokens and ``key_slots`` ``(S,)`` those of the keys (``key_positions`` of a cache;
+    negative for an empty slot). ``left_pad`` ``(B,)`` says how many columns of each row are
+    padding. A row's own positions start at its first real token::
+
+        position = slot - left_pad[row]
+
+    so a prompt sees the rotary angles (or position embeddings) it would see alone. The mask
+    is :func:`attention_mask` of those positions, row by row: padding has negative positions
+    and no query ever sees it, and causality and the sliding window, which depend only on
+    differences of positions, are those of the prompt alone. A padding query sees no real
+    key, and a softmax over nothing is NaN (0/0), which would flow into the padding's values
+    and, multiplied by a weight of 0, still into every real query (0 * NaN is NaN); so every
+    query may also see its own slot. For a real query that slot is allowed anyway.
+
+    Returns positions ``(B, T)`` and a mask ``(B, T, S)``; without ``left_pad``, the plain
+    ``slots`` ``(T,)`` and :func:`attention_mask` ``(T, S)``.
+
+    >>> pos, mask = positions_and_mask(torch.arange(3), torch.arange(3), torch.tensor([0, 2]))
+    >>> pos  # the second row is 2 columns of padding, then its first token at position 0
+    tensor([[ 0,  1,  2],
+            [-2, -1,  0]])
+    >>> mask[1].int()  # its real token sees only itself; each padding query only its own slot
+    tensor([[1, 0, 0],
+            [0, 1, 0],
+            [0, 0, 1]], dtype=torch.int32)
+    """
+    if left_pad is None:
+        return slots, attention_mask(slots, key_slots, window)
+    positions = slots[None, :] - left_pad[:, None]  # (B, T): each row counts from its first token
+    key_positions = key_slots[None, :] - left_pad[:, None]  # (B, S); padding and empty slots < 0
+    own_slot = slots[:, None] == key_slots[None, :]  # (T, S): no query is left without a key
+    return positions, attention_mask(positions, key_positions, window) | own_slot
 
 
 def _group_size(n_heads: int, n_kv_heads: int) -> int:
@@ -320,7 +373,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     as the rows of one ``(G * T, D)`` matrix, and each group is a single matrix product with
     its own key/value head, so the keys and values are never copied ``G`` times.
     ``K == H`` is ordinary multi-head attention, ``K == 1`` multi-query attention.
-    The softmax runs in float32, as in Hugging Face's eager attention.
+    The softmax runs in float32, as in Hugging Face's eager attention. A mask ``(B, T, S)``
+    gives each sequence its own (a left-padded batch, :func:`positions_and_mask`).
 
     >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
     >>> attention(q, k, k, attention_mask(torch.arange(3), torch.arange(3))).shape
@@ -334,6 +388,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     q = q.reshape(B, K, G * T, D)  # (B, K, G*T, D)
     # Both operands have batch dims (B, K): no broadcasting, so matmul expands nothing.
     scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, K, G*T, S)
+    if mask.dim() == 3:  # (B, T, S): one mask per sequence, shared by its heads
+        mask = mask[:, None, None]  # (B, 1, 1, T, S)
     scores = scores.view(B, K, G, T, S).masked_fill(~mask, float("-inf"))  # one (T, S) mask for every head
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, K, G, T, S)
     out = torch.matmul(weights.view(B, K, G * T, S), v)  # (B, K, G*T, D)
@@ -348,8 +404,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """:func:`attention` through PyTorch's fused ``F.scaled_dot_product_attention``.
 
     Same inputs, output and mask convention: ``q`` ``(B, H, T, D)``, ``k`` and ``v``
-    ``(B, K, S, D)``, ``mask`` a bool ``(T, S)``, True where allowed (every row needs at
-    least one allowed key, or that row's output is NaN). PyTorch picks a fused kernel for the
+    ``(B, K, S, D)``, ``mask`` a bool ``(T, S)`` or ``(B, T, S)``, True where allowed (every
+    row needs at least one allowed key, or that row's output is NaN). PyTorch picks a fused kernel for the
     device and dtype, which need not write the ``(T, S)`` weights to memory. With ``K < H``
     it reads grouped key/value heads itself (``enable_gqa=True``); on torch older than 2.5,
     which lacks that option, this falls back to :func:`attention`, which copies nothing either.
@@ -360,12 +416,14 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     True
     """
     G = _group_size(q.size(1), k.size(1))
+    if not _SDPA_HAS_GQA and G > 1:  # torch < 2.5: no enable_gqa, so the grouped explicit path
+        return attention(q, k, v, mask)
+    if mask.dim() == 3:  # (B, T, S): one mask per sequence, broadcast over its heads
+        mask = mask[:, None]  # (B, 1, T, S)
     # The mask is always passed, never is_causal=True: telling that a mask is the plain causal
     # one means reading its values, a sync on a GPU and a graph break under torch.compile.
     if G == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
-    if not _SDPA_HAS_GQA:  # torch < 2.5: no enable_gqa, so the grouped explicit path
-        return attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
 
 
@@ -416,6 +474,15 @@ class KVCache(nn.Module):
     def key_positions(self, positions: Tensor) -> Tensor:
         """Positions ``(S,)`` of the keys :meth:`update` returns, for new tokens at ``positions``."""
         return self.slot_pos
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows`` (indices into the batch), in that order.
+
+        Finished sequences stop costing work: the next step runs on a smaller batch. The
+        buffers are new (smaller) tensors, so a step compiled for the old shape recompiles.
+        """
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
 
     def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` ``(B, K, T, D)`` at ``positions`` ``(T,)``; return all slots ``(B, K, S, D)``."""
@@ -487,6 +554,15 @@ class RollingKVCache(nn.Module):
             slots = torch.arange(self.window, device=positions.device)
             return torch.where(slots == positions % self.window, positions, self.slot_pos)
         return torch.cat((self.slot_pos, positions))
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows``, in that order (see :meth:`KVCache.keep_rows`).
+
+        ``slot_pos`` is shared by the whole batch (every row writes the same slot at each
+        step), so it stays as it is.
+        """
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
 
     def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new ``k``, ``v`` ``(B, K, T, D)``; return the keys and values to attend over.

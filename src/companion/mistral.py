@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from companion import checkpoint
 from companion.layers import (KVCache, Linear, RMSNorm, RollingKVCache, SwiGLU, apply_rope, attention,
-                              attention_mask, rope_cos_sin, sdpa_attention)
+                              positions_and_mask, rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "Mistral", "MistralConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -271,16 +271,25 @@ class Mistral(nn.Module):
             else:
                 block.self_attn.cache = kind(*shape, dtype=weight.dtype, device=weight.device)
 
-    def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False,
+                left_pad: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, V)`` for token ids ``idx`` ``(B, T)``.
 
         ``start_pos=None`` runs the sequence on its own, at positions ``0 .. T-1``. An int (or
         a 0-d tensor) places the tokens at ``start_pos ..`` and uses the cache made by
         :meth:`setup_cache`. ``last_only=True`` returns logits for the last position only.
+        ``left_pad`` ``(B,)``, for a batch of prompts padded on the left to one length (as
+        :func:`companion.batching.generate_batch` makes it), is the number of padding tokens
+        at the start of each row. Each row's positions then count from its first real token,
+        and no query attends to padding (:func:`~companion.layers.positions_and_mask`), so
+        each row's logits are those of its tokens alone. ``start_pos`` still counts columns
+        (cache slots), shared by every row.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        if left_pad is not None and tuple(left_pad.shape) != (B,):
+            raise ValueError(f"left_pad must have one entry per row, shape ({B},), got {tuple(left_pad.shape)}")
         use_cache = start_pos is not None
         cache = self.layers[0].self_attn.cache
         if use_cache and cache is None:
@@ -293,25 +302,27 @@ class Mistral(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         if use_cache and isinstance(cache, RollingKVCache) and T > cache.window:
-            return self._prefill_in_chunks(idx, start_pos, last_only, cache.window)
-        positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,)
+            return self._prefill_in_chunks(idx, start_pos, last_only, cache.window, left_pad)
+        positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,): cache slots
         k_pos = cache.key_positions(positions) if use_cache else positions  # (S,): where each key sits
-        mask = attention_mask(positions, k_pos, window=self.config.sliding_window)  # (T, S), the same for every layer
+        # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S), the same for every layer
+        seq_pos, mask = positions_and_mask(positions, k_pos, left_pad, window=self.config.sliding_window)
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(seq_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, mask, positions if use_cache else None)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)
 
-    def _prefill_in_chunks(self, idx: Tensor, start_pos: int | Tensor, last_only: bool, window: int) -> Tensor:
+    def _prefill_in_chunks(self, idx: Tensor, start_pos: int | Tensor, last_only: bool, window: int,
+                           left_pad: Tensor | None = None) -> Tensor:
         """Feed ``idx`` ``(B, T)`` through the rolling cache in chunks of ``window`` tokens.
 
         Each chunk attends over at most ``2 * window`` keys (the slots, then itself), so the
         memory of a prefill grows with ``T`` only through its inputs and outputs, not ``T x T``.
         """
-        logits = [self(idx[:, i : i + window], start_pos=start_pos + i, last_only=last_only)
+        logits = [self(idx[:, i : i + window], start_pos=start_pos + i, last_only=last_only, left_pad=left_pad)
                   for i in range(0, idx.size(1), window)]
         return logits[-1] if last_only else torch.cat(logits, dim=1)  # (B, 1, V) or (B, T, V)
 

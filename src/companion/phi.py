@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion import checkpoint
-from companion.layers import KVCache, Linear, apply_rope, attention, attention_mask, rope_cos_sin, sdpa_attention
+from companion.layers import (KVCache, Linear, apply_rope, attention, positions_and_mask, rope_cos_sin,
+                              sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "MLP", "Phi", "PhiConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -272,16 +273,25 @@ class Phi(nn.Module):
             else:
                 block.self_attn.cache = KVCache(*shape, dtype=weight.dtype, device=weight.device)
 
-    def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False,
+                left_pad: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, V)`` for token ids ``idx`` ``(B, T)``.
 
         ``start_pos=None`` runs the sequence on its own, at positions ``0 .. T-1``. An int (or
         a 0-d tensor) places the tokens at ``start_pos ..`` and uses the cache made by
         :meth:`setup_cache`. ``last_only=True`` returns logits for the last position only.
+        ``left_pad`` ``(B,)``, for a batch of prompts padded on the left to one length (as
+        :func:`companion.batching.generate_batch` makes it), is the number of padding tokens
+        at the start of each row. Each row's positions then count from its first real token,
+        and no query attends to padding (:func:`~companion.layers.positions_and_mask`), so
+        each row's logits are those of its tokens alone. ``start_pos`` still counts columns
+        (cache slots), shared by every row.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        if left_pad is not None and tuple(left_pad.shape) != (B,):
+            raise ValueError(f"left_pad must have one entry per row, shape ({B},), got {tuple(left_pad.shape)}")
         use_cache = start_pos is not None
         cache = self.layers[0].self_attn.cache
         if use_cache and cache is None:
@@ -293,11 +303,12 @@ class Phi(nn.Module):
         elif not use_cache and T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of length {T} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,)
+        positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,): cache slots
         k_pos = cache.key_positions(positions) if use_cache else positions  # (S,): where each key sits
-        mask = attention_mask(positions, k_pos)  # (T, S), the same for every layer
+        # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S), the same for every layer
+        seq_pos, mask = positions_and_mask(positions, k_pos, left_pad)
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, x.dtype)  # (T, R)
+        cos, sin = rope_cos_sin(seq_pos, self.config.rotary_dim, self.config.rope_theta, x.dtype)  # (T, R) or (B, T, R)
         for block in self.layers:
             x = block(x, cos, sin, mask, positions if use_cache else None)
         if last_only:
