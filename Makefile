@@ -88,7 +88,7 @@ assignment: install-grading  ## graded assignments for otter-grader: make assign
 	$(BIN)/python -m companion.assignment make $(or $(CHAPTERS),chapters/*.ipynb) --out assignments
 
 grade: install-grading  ## grade a folder of notebooks: make grade ASSIGNMENT=assignments/02_attention SUBMISSIONS=submitted/
-	$(BIN)/python -m companion.assignment grade $(ASSIGNMENT) $(SUBMISSIONS) --out $(or $(OUT),grades)
+	$(BIN)/python -m companion.assignment grade $(ASSIGNMENT) $(SUBMISSIONS) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf _build student assignments grades .pytest_cache

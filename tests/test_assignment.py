@@ -12,6 +12,7 @@ import csv
 import json
 import re
 import signal
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -79,6 +80,40 @@ def test_forbidding_catches_the_reference_itself_and_a_notebook_function():
         with pytest.raises(ForbiddenCall, match="f calls helper"):
             scope["f"](1)
     assert scope["f"](1) == 2
+
+
+def test_forbidding_sees_the_reference_run_by_any_route():
+    import functools
+
+    from companion import attention
+
+    scope = {"torch": torch, "attention": attention, "functools": functools}
+    exec("def by_default(s, _f=torch.softmax):\n    return _f(s, -1)\n"
+         "def by_partial(x, _f=functools.partial(attention.split_heads, num_heads=2)):\n    return _f(x)\n"
+         "def own(s):\n    e = (s - s.max(-1, keepdim=True).values).exp()\n    return e / e.sum(-1, keepdim=True)\n",
+         scope)
+    with pytest.raises(ForbiddenCall, match="by_default runs torch.softmax"):
+        with forbidding(scope["by_default"], "torch.softmax"):
+            scope["by_default"](torch.randn(3))
+    with pytest.raises(ForbiddenCall, match="by_partial runs companion.attention.split_heads"):
+        with forbidding(scope["by_partial"], "companion.attention.split_heads"):
+            scope["by_partial"](torch.randn(1, 3, 4))
+    with forbidding(scope["own"], "torch.softmax", "torch.Tensor.softmax"):
+        got = scope["own"](torch.randn(3))
+    assert torch.allclose(got.sum(), torch.tensor(1.0))
+    assert sys.getprofile() is None
+
+
+def test_a_loop_that_swallows_exceptions_is_still_stopped():
+    start = time.monotonic()
+    with pytest.raises(TimeLimitExceeded):
+        with time_limit(0.2):
+            while True:
+                try:
+                    time.sleep(0.01)
+                except Exception:
+                    pass
+    assert time.monotonic() - start < 5
 
 
 def test_forbidding_rejects_names_it_cannot_find():
@@ -254,7 +289,8 @@ def test_grading_chapter_2_end_to_end(tmp_path):
     submitted.mkdir()
     wrong_heads = ("def to_heads(x, num_heads):\n    B, T, C = x.shape\n"
                    "    return x.view(B, num_heads, T, C // num_heads)  # no transpose: wrong\n")
-    endless = "def positions(T, d_model):\n    while True:\n        pass\n"
+    endless = ("def positions(T, d_model):\n    while True:\n        try:\n            pass\n"
+               "        except Exception:  # swallows what it can\n            pass\n")
     raising = "def causal_weights(scores):\n    raise RuntimeError('my bug')\n"
     submissions = {
         "full": _fill(student, solutions),
@@ -287,7 +323,7 @@ def test_grading_chapter_2_end_to_end(tmp_path):
     assert all(row["possible"] == "8" for row in rows.values())
     assert "time limit of 10 s" in feedback[("endless", "ex4_positions")]
     assert "RuntimeError: my bug" in feedback[("crash", "ex2_causal_weights")]
-    assert "to_heads" in feedback[("wrong", "ex3_to_heads")]
+    assert "values differ: at index (0, 0, 2, 0) expected 16, got 8" in feedback[("wrong", "ex3_to_heads")]
     assert "not implemented yet" in feedback[("untouched", "ex1_stable_softmax")]
     assert not [k for k in feedback if k[0] == "full"]
     for name in submissions:
@@ -313,6 +349,19 @@ def test_a_submission_past_its_whole_time_limit_is_graded_zero_with_the_reason(t
     with open(tmp_path / "grades" / "scores.csv", encoding="utf-8") as f:
         [row] = list(csv.DictReader(f))
     assert row["student"] == "slow" and row["total"] == "0"
+
+
+def test_grade_skips_files_that_are_not_notebooks_and_says_so(tmp_path, capsys):
+    (tmp_path / "autograder").mkdir()
+    (tmp_path / "autograder" / "autograder.zip").write_bytes(b"")
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    (subs / "ada.zip").write_bytes(b"")
+    (subs / "._ada.ipynb").write_text("{}", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="no .ipynb submissions"):
+        asg.grade(tmp_path, subs, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert f"not graded: {subs / 'ada.zip'} is not a .ipynb file" in out and "._ada" not in out
 
 
 def test_grade_refuses_a_missing_autograder_or_an_empty_folder(tmp_path):

@@ -278,7 +278,7 @@ def master_notebook(notebook: dict, chapter: str, *, points: int = DEFAULT_POINT
 
 def make_assignment(chapter_path: Path, out_dir: Path, *, points: int = DEFAULT_POINTS,
                     cell_limit: float = DEFAULT_CELL_LIMIT, test_limit: float = DEFAULT_TEST_LIMIT,
-                    run_tests: bool = True) -> Path:
+                    run_tests: bool = True, hidden_dir: Path = HIDDEN_DIR) -> Path:
     """Write ``out_dir/<chapter>/{master,student,autograder}/`` for one chapter notebook."""
     from otter.assign import main as otter_assign
 
@@ -287,7 +287,11 @@ def make_assignment(chapter_path: Path, out_dir: Path, *, points: int = DEFAULT_
         raise ValueError(f"{chapter_path} is not a .ipynb notebook")
     chapter = chapter_path.stem
     notebook = json.loads(chapter_path.read_text(encoding="utf-8"))
-    master = master_notebook(notebook, chapter, points=points, cell_limit=cell_limit, test_limit=test_limit)
+    hidden = hidden_tests(chapter, hidden_dir)
+    if not hidden:
+        print(f"note: no hidden tests for {chapter} in {hidden_dir}: the questions have public tests only")
+    master = master_notebook(notebook, chapter, points=points, cell_limit=cell_limit, test_limit=test_limit,
+                             hidden=hidden)
     target = Path(out_dir) / chapter
     if target.exists():
         shutil.rmtree(target)
@@ -398,7 +402,7 @@ def _kill_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def grade_one(submission: Path, autograder: Path, *, cell_limit: float, test_limit: float,
+def grade_one(submission: Path, autograder: Path, *, cell_limit: float | None, test_limit: float | None,
               timeout: float) -> tuple[GradedSubmission, dict | None]:
     """Grade one notebook with ``otter run`` in its own process; never raises.
 
@@ -409,7 +413,11 @@ def grade_one(submission: Path, autograder: Path, *, cell_limit: float, test_lim
     student = submission.stem
     zero = {q: 0.0 for q in questions}
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, LIMIT_ENV: str(cell_limit), TEST_LIMIT_ENV: str(test_limit), "MPLBACKEND": "Agg"}
+        env = {**os.environ, "MPLBACKEND": "Agg"}
+        if cell_limit is not None:  # else the limits the assignment was made with
+            env[LIMIT_ENV] = str(cell_limit)
+        if test_limit is not None:
+            env[TEST_LIMIT_ENV] = str(test_limit)
         cmd = [sys.executable, "-m", "otter", "run", "-a", str(autograder), "-o", tmp, "--no-logo",
                str(submission)]
         with open(Path(tmp) / "log.txt", "w+", encoding="utf-8") as log_file:
@@ -429,8 +437,17 @@ def grade_one(submission: Path, autograder: Path, *, cell_limit: float, test_lim
             tail = " ".join(log.strip().splitlines()[-3:])[-300:]
             reason = f"the autograder could not run the submission (exit {proc.returncode}): {tail}"
             return GradedSubmission(student, zero, questions, {q: reason for q in questions}), None
-        results = json.loads(results_path.read_text(encoding="utf-8"))
+        try:
+            results = json.loads(results_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            reason = f"the autograder wrote unreadable results: {err}"
+            return GradedSubmission(student, zero, questions, {q: reason for q in questions}), None
     scores, reasons = dict(zero), {}
+    names = {test.get("name", "").split(" - ")[0].strip() for test in results.get("tests", [])}
+    if not names & set(questions):  # otter ran, but its grading cell failed ("Autograder Failed")
+        text = " ".join(str(t.get("output", "")) for t in results.get("tests", []))
+        reason = "the autograder failed on this submission: " + re.sub(r"\s+", " ", text).strip()[:300]
+        return GradedSubmission(student, zero, questions, {q: reason for q in questions}), results
     for test in results.get("tests", []):
         name = test.get("name", "")
         question = name.split(" - ")[0].strip()
@@ -443,17 +460,23 @@ def grade_one(submission: Path, autograder: Path, *, cell_limit: float, test_lim
     return GradedSubmission(student, scores, questions, reasons), results
 
 
-def grade(assignment: Path, submissions: Path, out_dir: Path, *, cell_limit: float = DEFAULT_CELL_LIMIT,
-          test_limit: float = DEFAULT_TEST_LIMIT, timeout: float = 1800, jobs: int = 1) -> list[GradedSubmission]:
+def grade(assignment: Path, submissions: Path, out_dir: Path, *, cell_limit: float | None = None,
+          test_limit: float | None = None, timeout: float = 1800, jobs: int = 1) -> list[GradedSubmission]:
     """Grade every ``*.ipynb`` in ``submissions``; write scores.csv, feedback.csv, results/."""
     assignment, submissions, out_dir = Path(assignment), Path(submissions), Path(out_dir)
     autograder = assignment / "autograder" / "autograder.zip"
     if not autograder.exists():
         raise FileNotFoundError(f"{autograder} not found: run `make assignment` for this chapter first")
-    notebooks = sorted(submissions.glob("*.ipynb"))
+    if not submissions.is_dir():
+        raise FileNotFoundError(f"{submissions} is not a folder of submitted notebooks")
+    entries = sorted(p for p in submissions.iterdir() if not p.name.startswith("."))
+    notebooks = [p for p in entries if p.is_file() and p.suffix == ".ipynb"]
+    for other in sorted(set(entries) - set(notebooks)):
+        print(f"not graded: {other} is not a .ipynb file (one notebook per student, named after them)")
     if not notebooks:
         raise FileNotFoundError(f"no .ipynb submissions in {submissions}")
-    if min(cell_limit, test_limit, timeout) <= 0:
+    limits = [x for x in (cell_limit, test_limit) if x is not None] + [timeout]
+    if min(limits) <= 0:
         raise ValueError(f"time limits must be positive: cell_limit={cell_limit}, test_limit={test_limit}, "
                          f"timeout={timeout}")
     questions = _questions(autograder)
@@ -463,7 +486,9 @@ def grade(assignment: Path, submissions: Path, out_dir: Path, *, cell_limit: flo
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         graded = list(pool.map(run, notebooks))
-    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    if (out_dir / "results").exists():  # no stale results of an earlier run
+        shutil.rmtree(out_dir / "results")
+    (out_dir / "results").mkdir(parents=True)
     with open(out_dir / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["student", *questions, "total", "possible"])
@@ -492,26 +517,32 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("--points", type=int, default=DEFAULT_POINTS, help="points per exercise")
     make.add_argument("--cell-limit", type=float, default=DEFAULT_CELL_LIMIT, help="seconds per cell")
     make.add_argument("--test-limit", type=float, default=DEFAULT_TEST_LIMIT, help="seconds per test")
+    make.add_argument("--hidden-dir", type=Path, default=HIDDEN_DIR,
+                      help="folder of <chapter>.py hidden tests (default: the repository's grading/)")
     make.add_argument("--no-run-tests", action="store_true",
                       help="do not run the tests on the solutions (otter assign runs them by default)")
     g = sub.add_parser("grade", help="grade a folder of submitted notebooks")
     g.add_argument("assignment", type=Path, help="the folder `make` wrote, e.g. assignments/02_attention")
     g.add_argument("submissions", type=Path, help="a folder of .ipynb files, one per student")
-    g.add_argument("--out", type=Path, default=Path("grades"))
-    g.add_argument("--cell-limit", type=float, default=DEFAULT_CELL_LIMIT, help="seconds per cell")
-    g.add_argument("--test-limit", type=float, default=DEFAULT_TEST_LIMIT, help="seconds per test")
+    g.add_argument("--out", type=Path, default=None, help="output folder (default grades/<chapter>)")
+    g.add_argument("--cell-limit", type=float, default=None,
+                   help="seconds per cell (default: the assignment's, 300 unless made otherwise)")
+    g.add_argument("--test-limit", type=float, default=None,
+                   help="seconds per test (default: the assignment's, 30 unless made otherwise)")
     g.add_argument("--timeout", type=float, default=1800, help="seconds per submission in all")
     g.add_argument("--jobs", type=int, default=1, help="submissions graded at once")
     args = parser.parse_args(argv)
     if args.command == "make":
         for chapter in args.chapters:
             target = make_assignment(chapter, args.out, points=args.points, cell_limit=args.cell_limit,
-                                     test_limit=args.test_limit, run_tests=not args.no_run_tests)
+                                     test_limit=args.test_limit, run_tests=not args.no_run_tests,
+                                     hidden_dir=args.hidden_dir)
             print(f"wrote {target}/student and {target}/autograder")
     else:
-        graded = grade(args.assignment, args.submissions, args.out, cell_limit=args.cell_limit,
+        out = args.out or Path("grades") / args.assignment.resolve().name
+        graded = grade(args.assignment, args.submissions, out, cell_limit=args.cell_limit,
                        test_limit=args.test_limit, timeout=args.timeout, jobs=args.jobs)
-        print(f"graded {len(graded)} submissions: {args.out / 'scores.csv'}, {args.out / 'feedback.csv'}")
+        print(f"graded {len(graded)} submissions: {out / 'scores.csv'}, {out / 'feedback.csv'}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import importlib
 import io
 import re
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -45,8 +46,13 @@ __all__ = [
 ]
 
 
-class TimeLimitExceeded(Exception):
-    """A cell or a test ran past its time limit."""
+class TimeLimitExceeded(BaseException):
+    """A cell or a test ran past its time limit.
+
+    A BaseException, like KeyboardInterrupt, so that a learner's ``except Exception``
+    does not swallow it; and the alarm repeats every second until the block is left, in
+    case a bare ``except:`` does.
+    """
 
 
 class ForbiddenCall(Exception):
@@ -135,20 +141,35 @@ def _resolve(dotted: str) -> tuple[Any, str, Any]:
 def forbidding(fn: Callable[..., Any], *dotted: str) -> Iterator[None]:
     """While the block runs, calling any of the ``dotted`` functions raises ForbiddenCall.
 
-    Three routes are closed: the attribute on its module or class (``torch.softmax``,
+    Four routes are closed: the attribute on its module or class (``torch.softmax``,
     ``torch.Tensor.softmax``, ``companion.attention.split_heads``); any global variable
     of ``fn``'s module that holds the same object under any name (``from
-    companion.attention import split_heads as mine``); and ``fn`` being that object
-    itself (``to_heads = split_heads``), which raises ForbiddenCall on entry. A name
-    without a dot names a function the notebook itself defines (``"unbroadcast"``). A
-    copy of the package's source pasted into the notebook is not caught: that is the
-    limit of this check.
+    companion.attention import split_heads as mine``); ``fn`` being that object itself
+    (``to_heads = split_heads``), which raises ForbiddenCall on entry; and any other
+    route to the same function (a default argument, a closure, ``functools.partial``),
+    which a profiler sees running and reports when the block ends. A name without a dot
+    names a function the notebook itself defines (``"unbroadcast"``). Not caught: another
+    function that does the same work (``torch._softmax`` where only ``torch.softmax`` is
+    named), and a copy of the package's source pasted into the notebook.
     """
     if not dotted:
         raise ValueError("forbidding(): name at least one function, such as 'torch.softmax'")
     patched: list[tuple[Any, str, Any]] = []
     swapped: list[tuple[dict, str, Any]] = []
     user_globals = getattr(fn, "__globals__", {})
+    codes: dict[Any, str] = {}  # code objects of forbidden Python functions -> their names
+    builtins: dict[int, str] = {}  # ids of forbidden C functions -> their names
+    reached: list[str] = []
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        # The third route: a forbidden function reached by a name no patch can see (a
+        # default argument, a closure, functools.partial): its code still runs.
+        if event == "call" and frame.f_code in codes:
+            reached.append(codes[frame.f_code])
+        elif event == "c_call" and id(arg) in builtins:
+            reached.append(builtins[id(arg)])
+
+    previous_profile = sys.getprofile()
     try:
         for name in dotted:
             if "." in name:
@@ -160,6 +181,11 @@ def forbidding(fn: Callable[..., Any], *dotted: str) -> Iterator[None]:
             if fn is original or getattr(fn, "func", None) is original:
                 raise ForbiddenCall(f"{getattr(fn, '__name__', 'your function')} is {name} itself: "
                                     "this exercise asks for your own code")
+            code = getattr(getattr(original, "__func__", original), "__code__", None)
+            if code is not None:
+                codes[code] = name
+            else:
+                builtins[id(original)] = name
 
             def tripwire(*args: Any, _name: str = name, **kwargs: Any) -> Any:
                 raise ForbiddenCall(f"{getattr(fn, '__name__', 'your function')} calls {_name}: "
@@ -172,12 +198,17 @@ def forbidding(fn: Callable[..., Any], *dotted: str) -> Iterator[None]:
                 if value is original:
                     swapped.append((user_globals, key, value))
                     user_globals[key] = tripwire
+        sys.setprofile(watch)
         yield
     finally:
+        sys.setprofile(previous_profile)
         for scope, key, value in reversed(swapped):
             scope[key] = value
         for owner, attr, original in reversed(patched):
             setattr(owner, attr, original)
+    if reached:
+        raise ForbiddenCall(f"{getattr(fn, '__name__', 'your function')} runs {reached[0]}: "
+                            "this exercise asks for your own code")
 
 
 @contextlib.contextmanager
@@ -199,12 +230,21 @@ def time_limit(seconds: float, what: str = "this test") -> Iterator[None]:
         raise TimeLimitExceeded(f"{what} ran past its time limit of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # then every second until the block ends
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _fail_with(message: str) -> None:
+    """Raise AssertionError two calls deep: otter reads the line of a failure two frames down."""
+
+    def fail() -> None:
+        raise AssertionError(message)
+
+    fail()
 
 
 _OTTER_CELL_MARKS = ("Checker.check_if_not_already_checked", "init_grading_mode")
@@ -238,7 +278,7 @@ def install_time_limits(cell_seconds: float, test_seconds: float | None = None) 
         if any(mark in source for mark in _OTTER_CELL_MARKS) or re.search(r"\.check\(\"", source):
             return
         signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
 
     def after(result: Any) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -251,8 +291,11 @@ def install_time_limits(cell_seconds: float, test_seconds: float | None = None) 
         return
 
     def limited_call(self: Any, global_environment: dict[str, Any]) -> None:
-        with time_limit(test_seconds, "the test"):
-            call_func(self, global_environment)
+        try:
+            with time_limit(test_seconds, "the test"):
+                call_func(self, global_environment)
+        except TimeLimitExceeded as err:  # otter records an Exception as this test's failure
+            _fail_with(str(err))
 
     limited_call._limited = True  # type: ignore[attr-defined]
     exception_test.test_case.call_func = limited_call
