@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.layers import KVCache, positions_and_mask
+from companion.layers import KVCache, positions_and_mask, reuse_or_make_cache
 
 __all__ = [
     "PRESETS",
@@ -296,11 +296,7 @@ class GPT(nn.Module):
         weight = self.transformer.wte.weight  # the model's dtype and device
         shape = (batch_size, self.config.n_head, max_seq_len, self.config.head_dim)
         for block in self.transformer.h:
-            old = block.attn.cache
-            if old is not None and old.k.shape == shape and old.k.dtype == weight.dtype and old.k.device == weight.device:
-                old.reset()  # same shape: keep the buffers, so a compiled decoding step can be reused
-            else:
-                block.attn.cache = KVCache(*shape, dtype=weight.dtype, device=weight.device)
+            block.attn.cache = reuse_or_make_cache(block.attn.cache, KVCache, shape, weight)
 
     def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False,
                 left_pad: Tensor | None = None) -> Tensor:

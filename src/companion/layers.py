@@ -52,6 +52,7 @@ __all__ = [
     "kv_cache_bytes",
     "kv_head_of",
     "positions_and_mask",
+    "reuse_or_make_cache",
     "rope_cos_sin",
     "rope_inv_freq",
     "rotate_half",
@@ -428,6 +429,20 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 # ---- KV caches -----------------------------------------------------------------------------
+
+
+def reuse_or_make_cache(old: nn.Module | None, kind: type, shape: tuple[int, ...], like: Tensor) -> nn.Module:
+    """A cache of class ``kind`` and ``shape``, in ``like``'s dtype and device.
+
+    ``old``, the layer's current cache, is emptied and returned when it already fits: the
+    same buffers then serve the next request, so a compiled decoding step that captured
+    them is reused. Otherwise a new cache is allocated.
+    """
+    if (type(old) is kind and old.k.shape == shape and old.k.dtype == like.dtype
+            and old.k.device == like.device):
+        old.reset()
+        return old
+    return kind(*shape, dtype=like.dtype, device=like.device)
 
 
 class KVCache(nn.Module):

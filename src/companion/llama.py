@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from companion import checkpoint
 from companion.layers import (KVCache, Linear, RMSNorm, SwiGLU, apply_rope, attention,
-                              positions_and_mask, rope_cos_sin, sdpa_attention)
+                              positions_and_mask, reuse_or_make_cache, rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "Llama", "LlamaConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -258,11 +258,7 @@ class Llama(nn.Module):
         weight = self.norm.weight  # the model's dtype and device (lm_head may be quantized)
         shape = (batch_size, self.config.num_key_value_heads, max_seq_len, self.config.head_dim)
         for block in self.layers:
-            old = block.self_attn.cache
-            if old is not None and old.k.shape == shape and old.k.dtype == weight.dtype and old.k.device == weight.device:
-                old.reset()  # same shape: keep the buffers, so a compiled decoding step can be reused
-            else:
-                block.self_attn.cache = KVCache(*shape, dtype=weight.dtype, device=weight.device)
+            block.self_attn.cache = reuse_or_make_cache(block.self_attn.cache, KVCache, shape, weight)
 
     def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False,
                 left_pad: Tensor | None = None) -> Tensor:

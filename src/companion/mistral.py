@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from companion import checkpoint
 from companion.layers import (KVCache, Linear, RMSNorm, RollingKVCache, SwiGLU, apply_rope, attention,
-                              positions_and_mask, rope_cos_sin, sdpa_attention)
+                              positions_and_mask, reuse_or_make_cache, rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "Mistral", "MistralConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -264,12 +264,7 @@ class Mistral(nn.Module):
         slots = min(c.sliding_window, max_seq_len) if kind is RollingKVCache else max_seq_len
         shape = (batch_size, c.num_key_value_heads, slots, c.head_dim)
         for block in self.layers:
-            old = block.self_attn.cache
-            if (type(old) is kind and old.k.shape == shape and old.k.dtype == weight.dtype
-                    and old.k.device == weight.device):
-                old.reset()  # same shape: keep the buffers, so a compiled decoding step can be reused
-            else:
-                block.self_attn.cache = kind(*shape, dtype=weight.dtype, device=weight.device)
+            block.self_attn.cache = reuse_or_make_cache(block.self_attn.cache, kind, shape, weight)
 
     def forward(self, idx: Tensor, start_pos: int | Tensor | None = None, last_only: bool = False,
                 left_pad: Tensor | None = None) -> Tensor:
