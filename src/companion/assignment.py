@@ -251,7 +251,6 @@ def master_notebook(notebook: dict, chapter: str, *, points: int = DEFAULT_POINT
             cell = copy.deepcopy(cell)
             if cell["cell_type"] == "code":
                 cell["outputs"], cell["execution_count"] = [], None
-            cell.get("metadata", {}).pop("tags", None) if not _tags(cell) else None
             out.append(cell)
             continue
         out.append(_raw(f"# BEGIN QUESTION\nname: {exercise.question}\npoints: {points}"))
@@ -402,14 +401,13 @@ def _kill_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def grade_one(submission: Path, autograder: Path, *, cell_limit: float | None, test_limit: float | None,
-              timeout: float) -> tuple[GradedSubmission, dict | None]:
+def grade_one(submission: Path, autograder: Path, questions: dict[str, float], *, cell_limit: float | None,
+              test_limit: float | None, timeout: float) -> tuple[GradedSubmission, dict | None]:
     """Grade one notebook with ``otter run`` in its own process; never raises.
 
-    Returns the grade and otter's results (Gradescope's format), None when otter could
+    ``questions`` maps each question to its points (read once from the autograder). Returns the grade and otter's results (Gradescope's format), None when otter could
     not produce them (the submission ran past ``timeout`` or the kernel died).
     """
-    questions = _questions(autograder)
     student = submission.stem
     zero = {q: 0.0 for q in questions}
     with tempfile.TemporaryDirectory() as tmp:
@@ -482,7 +480,7 @@ def grade(assignment: Path, submissions: Path, out_dir: Path, *, cell_limit: flo
     questions = _questions(autograder)
 
     def run(path: Path):
-        return grade_one(path, autograder, cell_limit=cell_limit, test_limit=test_limit, timeout=timeout)
+        return grade_one(path, autograder, questions, cell_limit=cell_limit, test_limit=test_limit, timeout=timeout)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         graded = list(pool.map(run, notebooks))

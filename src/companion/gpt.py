@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.layers import KVCache, positions_and_mask, reuse_or_make_cache
+from companion.layers import KVCache, check_cached_call, positions_and_mask, reuse_or_make_cache
 
 __all__ = [
     "PRESETS",
@@ -313,17 +313,10 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        if left_pad is not None and tuple(left_pad.shape) != (B,):
-            raise ValueError(f"left_pad must have one entry per row, shape ({B},), got {tuple(left_pad.shape)}")
-        use_cache = start_pos is not None
         cache = self.transformer.h[0].attn.cache
-        if use_cache and cache is None:
-            raise ValueError("start_pos was given but there is no cache: call setup_cache(batch_size, max_seq_len)")
-        if use_cache and isinstance(start_pos, int):
-            if start_pos + T > cache.max_seq_len or B != cache.k.size(0):
-                raise ValueError(f"tokens at positions {start_pos}..{start_pos + T - 1} for batch {B} do not fit "
-                                 f"the cache of {cache.max_seq_len} positions for batch {cache.k.size(0)}")
-        elif not use_cache and T > self.config.n_positions:
+        use_cache = check_cached_call(B, T, start_pos, left_pad, cache,
+                                      cache.max_seq_len if cache is not None else None)
+        if not use_cache and T > self.config.n_positions:
             raise ValueError(
                 f"cannot run a sequence of length {T}: the context length n_positions is "
                 f"{self.config.n_positions} (crop the input, e.g. generate(..., context_length="

@@ -262,7 +262,6 @@ def install_time_limits(cell_seconds: float, test_seconds: float | None = None) 
     test_seconds = cell_seconds if test_seconds is None else test_seconds
     if cell_seconds <= 0 or test_seconds <= 0:
         raise ValueError(f"install_time_limits({cell_seconds!r}, {test_seconds!r}): limits must be positive")
-    seconds = cell_seconds
     from IPython import get_ipython
     from otter.test_files import exception_test
 
@@ -271,14 +270,14 @@ def install_time_limits(cell_seconds: float, test_seconds: float | None = None) 
         raise RuntimeError("install_time_limits runs inside an IPython kernel")
 
     def expire(signum: int, frame: Any) -> None:
-        raise TimeLimitExceeded(f"the cell ran past its time limit of {seconds:g} s")
+        raise TimeLimitExceeded(f"the cell ran past its time limit of {cell_seconds:g} s")
 
     def before(info: Any) -> None:
         source = info.raw_cell or ""
         if any(mark in source for mark in _OTTER_CELL_MARKS) or re.search(r"\.check\(\"", source):
             return
         signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
+        signal.setitimer(signal.ITIMER_REAL, cell_seconds, 5.0)
 
     def after(result: Any) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

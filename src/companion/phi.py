@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion import checkpoint
-from companion.layers import (KVCache, Linear, apply_rope, attention, positions_and_mask, reuse_or_make_cache,
-                              rope_cos_sin, sdpa_attention)
+from companion.layers import (KVCache, Linear, apply_rope, attention, check_cached_call, positions_and_mask,
+                              reuse_or_make_cache, rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "MLP", "Phi", "PhiConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -286,17 +286,10 @@ class Phi(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        if left_pad is not None and tuple(left_pad.shape) != (B,):
-            raise ValueError(f"left_pad must have one entry per row, shape ({B},), got {tuple(left_pad.shape)}")
-        use_cache = start_pos is not None
         cache = self.layers[0].self_attn.cache
-        if use_cache and cache is None:
-            raise ValueError("start_pos was given but there is no cache: call setup_cache(batch_size, max_seq_len)")
-        if use_cache and isinstance(start_pos, int):
-            if start_pos + T > cache.max_seq_len or B != cache.k.size(0):
-                raise ValueError(f"tokens at positions {start_pos}..{start_pos + T - 1} for batch {B} do not fit "
-                                 f"the cache of {cache.max_seq_len} positions for batch {cache.k.size(0)}")
-        elif not use_cache and T > self.config.max_position_embeddings:
+        use_cache = check_cached_call(B, T, start_pos, left_pad, cache,
+                                      cache.max_seq_len if cache is not None else None)
+        if not use_cache and T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of length {T} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,): cache slots
