@@ -170,10 +170,10 @@ def test_max_batch_and_membership_changing_every_step():
         check_invariants(engine)
         running.append([r.id for r in engine.running])
     assert max(len(r) for r in running) == 2
-    # Step 1: the first request finishes in its prefill, which makes room for the third at once.
-    # Step 2: the third finishes. Step 3: the fourth is admitted, and the second finishes; the
-    # fourth decodes its last three tokens alone.
-    assert running == [[ids[1], ids[2]], [ids[1]], [ids[3]], [ids[3]], [ids[3]], []]
+    # Step 1: the first two are admitted, and the first finishes in its prefill. Step 2: the
+    # third is admitted at once. Step 3: the second and third finish. Step 4: the fourth is
+    # admitted, and decodes its last three tokens alone.
+    assert running == [[ids[1]], [ids[1], ids[2]], [], [ids[3]], [ids[3]], [ids[3]], []]
 
 
 def test_cancel_frees_blocks_and_stops_the_request():
@@ -292,3 +292,24 @@ def test_the_model_still_decodes_alone_after_serving():
     engine.run()
     out = decode(model, torch.tensor([[1, 2, 3]]), 6)[0, 3:].tolist()
     assert out == alone("mistral", (1, 2, 3), 6)
+
+
+def test_trace_is_seeded_and_replay_policies_agree():
+    """The trace is reproducible; the three schedules give every request the same tokens, and
+    their batches are what the policy says (1; at most max_batch; at most max_batch)."""
+    from companion.engine import replay, synthetic_trace
+
+    trace = synthetic_trace(6, rate=50.0, vocab_size=VOCAB, prompt_len=(1, 8), new_tokens=(1, 8), seed=1)
+    assert trace == synthetic_trace(6, rate=50.0, vocab_size=VOCAB, prompt_len=(1, 8), new_tokens=(1, 8), seed=1)
+    assert trace[0].arrival == 0 and all(a.arrival <= b.arrival for a, b in zip(trace, trace[1:]))
+    assert all(1 <= len(r.prompt) <= 8 and 1 <= r.max_new_tokens <= 8 for r in trace)
+    model = random_model("llama")
+    results = {p: replay(model, trace, p, max_batch=3, block_size=4) for p in ("one-at-a-time", "static", "continuous")}
+    solo = {i: alone("llama", tuple(r.prompt), r.max_new_tokens) for i, r in enumerate(trace)}
+    for policy, result in results.items():
+        assert result.tokens == solo, policy
+        assert len(result.ttft) == 6 and all(t >= 0 for t in result.ttft)
+        assert max(result.batch_sizes) <= (1 if policy == "one-at-a-time" else 3)
+        assert all(used <= contiguous for used, contiguous in zip(result.kv_bytes, result.kv_contiguous_bytes))
+    with pytest.raises(ValueError, match="policy='fifo' is not one of"):
+        replay(model, trace, "fifo")

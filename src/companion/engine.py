@@ -64,6 +64,7 @@ from each request's own generator (``seed``), so its draws do not depend on the 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,7 +76,8 @@ from torch import Tensor, nn
 
 from companion.generate import sample_next
 
-__all__ = ["Engine", "PagedKVCache", "StepOutput", "BlockAllocator"]
+__all__ = ["BlockAllocator", "Engine", "PagedKVCache", "ReplayResult", "StepOutput", "TraceRequest", "replay",
+           "synthetic_trace"]
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,10 @@ class _PagedBatch:
 class PagedKVCache(nn.Module):
     """One attention layer's keys and values in a pool of blocks, read through block tables.
 
-    The pool is ``(num_blocks * block_size, K, D)`` for keys and the same for values: block
-    ``b`` is rows ``b * block_size`` to ``(b + 1) * block_size - 1``. It is allocated at the
-    first write, when ``K`` and ``D`` are known. What to write and read comes from the
+    The pool is ``((num_blocks + 1) * block_size, K, D)`` for keys and the same for values:
+    block ``b`` is rows ``b * block_size`` to ``(b + 1) * block_size - 1``, and the extra last
+    block, which no request ever holds, is where padding is written and read (the mask hides
+    it). It is allocated at the first write, when ``K`` and ``D`` are known. What to write and read comes from the
     engine, through a :class:`_PagedBatch` shared by all layers, so that a model sees the
     interface of :class:`~companion.layers.KVCache`: :meth:`key_positions` and
     :meth:`update`.
@@ -164,9 +167,9 @@ class PagedKVCache(nn.Module):
     def max_seq_len(self) -> int:
         return self.num_blocks * self.block_size
 
-    def nbytes(self) -> int:
-        """Bytes of this layer's pool (0 before the first write)."""
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+    def block_nbytes(self) -> int:
+        """Bytes of keys and values in one block of this layer (0 before the first write)."""
+        return 0 if self.k is None else 2 * self.k[:self.block_size].numel() * self.k.element_size()
 
     def key_positions(self, positions: Tensor) -> Tensor:
         """The columns of the keys :meth:`update` returns: ``0 .. C-1``."""
@@ -176,7 +179,7 @@ class PagedKVCache(nn.Module):
         """Write ``k``, ``v`` ``(B, K, T, D)`` into the pool; return every row's ``(B, K, C, D)``."""
         B, K, T, D = k.shape
         if self.k is None:
-            shape = (self.num_blocks * self.block_size, K, D)
+            shape = ((self.num_blocks + 1) * self.block_size, K, D)  # + the padding block
             self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.k.index_copy_(0, self.batch.write, k.transpose(1, 2).reshape(B * T, K, D).to(self.dtype))
@@ -286,7 +289,7 @@ class Engine:
 
     def kv_bytes_per_block(self) -> int:
         """Bytes of keys and values one block holds, over all layers (0 before the first step)."""
-        return sum(cache.nbytes() for cache in self._caches) // self.num_blocks
+        return sum(cache.block_nbytes() for cache in self._caches)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -380,17 +383,22 @@ class Engine:
         return request.cached == len(request.blocks) * self.block_size
 
     def _admit(self, outputs: list[StepOutput]) -> None:
-        """Admit waiting requests in arrival order while their blocks fit beside the running ones'."""
+        """Admit waiting requests in arrival order while their blocks fit beside the running ones';
+        run their prompts in one batched prefill."""
+        admitted = []
+        reserved = sum(self._needs_block(r) for r in self.running)  # the running ones' next step
         while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
             request = self.waiting[0]
             needed = self._blocks_for(len(request.tokens))
-            reserved = sum(self._needs_block(r) for r in self.running)  # the running ones' next step
-            if needed + reserved > self.free_blocks:
-                return  # it waits: first come, first served, no overtaking
+            if needed + reserved + (len(request.tokens) % self.block_size == 0) > self.free_blocks:
+                break  # it waits: first come, first served, no overtaking
             self.waiting.popleft()
             request.blocks = self.allocator.allocate(needed)
+            reserved += len(request.tokens) % self.block_size == 0  # its first decoding step needs a block
             self.running.append(request)
-            self._prefill(request, outputs)
+            admitted.append(request)
+        if admitted:
+            self._prefill(admitted, outputs)
 
     def _make_room(self, request: _Request) -> bool:
         """Give ``request`` the block for its next position, preempting later requests if needed.
@@ -437,15 +445,26 @@ class Engine:
 
     # ---- the forward passes ----------------------------------------------------------------
 
-    def _slots(self, request: _Request, positions: Tensor) -> Tensor:
-        """Pool slots of ``positions`` of ``request`` (negative positions read slot 0, masked)."""
-        table = torch.tensor(request.blocks, dtype=torch.long, device=self.device)
-        valid = positions.clamp(min=0)
-        slots = table[valid // self.block_size] * self.block_size + valid % self.block_size
-        return torch.where(positions >= 0, slots, torch.zeros_like(slots))
+    def _slots(self, requests: list[_Request], positions: Tensor) -> Tensor:
+        """Pool slots ``(B, C)`` of ``positions`` ``(B, C)``, row ``r`` of ``requests[r]``.
 
-    def _forward(self, idx: Tensor, start_pos: int, left_pad: Tensor | None) -> Tensor:
-        """Next-token logits ``(B, V)`` of ``idx`` ``(B, T)``, through the paged caches."""
+        A negative position (padding, or a column before a row's first token) is the padding
+        block's first slot: written there, it overwrites nothing; read, the mask hides it.
+        """
+        width = max(len(r.blocks) for r in requests)
+        tables = torch.tensor([r.blocks + [self.num_blocks] * (width - len(r.blocks)) for r in requests],
+                              dtype=torch.long, device=self.device)  # (B, blocks): the block tables
+        valid = positions.clamp(min=0)
+        slots = tables.gather(1, valid // self.block_size) * self.block_size + valid % self.block_size
+        return torch.where(positions >= 0, slots, self.num_blocks * self.block_size)
+
+    def _forward(self, idx: Tensor, start_pos: int, left_pad: Tensor, write: Tensor, read: Tensor) -> Tensor:
+        """Next-token logits ``(B, V)`` of ``idx`` ``(B, T)``, through the paged caches.
+
+        ``write`` ``(B, T)``: the pool slot of each new token; ``read`` ``(B, C)``: the slot
+        each row reads in each of the ``C`` key columns (the last ``T`` are the new tokens').
+        """
+        self._batch.write, self._batch.read = write.reshape(-1), read
         for layer, cache in zip(self._layers, self._caches):
             layer.cache = cache  # installed for every pass: another user of the model may have replaced them
         with torch.no_grad():
@@ -456,27 +475,158 @@ class Engine:
         return int(sample_next(logits[None], request.temperature, request.top_k, request.top_p,
                                request.generator)[0])
 
-    def _prefill(self, request: _Request, outputs: list[StepOutput]) -> None:
-        """Run the request's tokens through the model, writing positions 0 .. n-1; emit the next token."""
-        n = len(request.tokens)
-        positions = torch.arange(n, device=self.device)
-        self._batch.write = self._slots(request, positions)
-        self._batch.read = self._batch.write[None]  # (1, n)
-        idx = torch.tensor([request.tokens], dtype=torch.long, device=self.device)
-        logits = self._forward(idx, 0, None)
-        request.cached = n
-        self._finish(request, self._sample(request, logits[0]), outputs)
+    def _prefill(self, requests: list[_Request], outputs: list[StepOutput]) -> None:
+        """Run the requests' tokens in one left-padded pass, writing positions 0 .. n-1 of each;
+        emit each request's next token."""
+        T = max(len(r.tokens) for r in requests)
+        left_pad = torch.tensor([T - len(r.tokens) for r in requests], device=self.device)  # (B,)
+        positions = torch.arange(T, device=self.device)[None, :] - left_pad[:, None]  # (B, T), < 0: padding
+        slots = self._slots(requests, positions)  # each row writes and reads its own positions
+        idx = torch.zeros((len(requests), T), dtype=torch.long, device=self.device)
+        for row, request in enumerate(requests):
+            idx[row, T - len(request.tokens):] = torch.tensor(request.tokens)
+        logits = self._forward(idx, 0, left_pad, slots, slots)
+        for row, request in enumerate(requests):
+            request.cached = len(request.tokens)
+            self._finish(request, self._sample(request, logits[row]), outputs)
 
     def _decode(self, requests: list[_Request], outputs: list[StepOutput]) -> None:
         """One token for each of ``requests``, in one batched pass aligned on the right."""
-        positions = torch.tensor([r.cached for r in requests], device=self.device)  # each row's new position
-        C = int(positions.max()) + 1
-        left_pad = (C - 1) - positions  # (B,)
-        columns = torch.arange(C, device=self.device)
-        self._batch.write = torch.cat([self._slots(r, positions[i:i + 1]) for i, r in enumerate(requests)])
-        self._batch.read = torch.stack([self._slots(r, columns - left_pad[i]) for i, r in enumerate(requests)])
+        new = torch.tensor([r.cached for r in requests], device=self.device)  # (B,): each row's new position
+        C = int(new.max()) + 1
+        left_pad = (C - 1) - new  # (B,)
+        columns = torch.arange(C, device=self.device)[None, :] - left_pad[:, None]  # (B, C): each column's position
         idx = torch.tensor([[r.tokens[-1]] for r in requests], dtype=torch.long, device=self.device)
-        logits = self._forward(idx, C - 1, left_pad)  # (B, V)
-        for i, request in enumerate(requests):
+        logits = self._forward(idx, C - 1, left_pad, self._slots(requests, new[:, None]),
+                               self._slots(requests, columns))  # (B, V)
+        for row, request in enumerate(requests):
             request.cached += 1
-            self._finish(request, self._sample(request, logits[i]), outputs)
+            self._finish(request, self._sample(request, logits[row]), outputs)
+
+
+# ---- replaying a trace of requests ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """A request of a trace: when it arrives (seconds from the start), its prompt, its length."""
+
+    arrival: float
+    prompt: list[int]
+    max_new_tokens: int
+
+
+def synthetic_trace(n: int, *, rate: float, vocab_size: int, prompt_len: tuple[int, int] = (16, 128),
+                    new_tokens: tuple[int, int] = (16, 128), seed: int = 0) -> list[TraceRequest]:
+    """``n`` requests arriving as a Poisson process of ``rate`` requests per second.
+
+    The gaps between arrivals are exponential with mean ``1 / rate``; prompt lengths and
+    output lengths are uniform integers in the inclusive ranges ``prompt_len`` and
+    ``new_tokens``; prompt tokens are uniform over the vocabulary. Seeded: the same arguments
+    give the same trace on every machine.
+
+    >>> [(round(r.arrival, 3), len(r.prompt), r.max_new_tokens) for r in synthetic_trace(2, rate=4, vocab_size=10)]
+    [(0.0, 124, 63), (0.396, 58, 124)]
+    """
+    if n < 1 or rate <= 0:
+        raise ValueError(f"n={n} must be >= 1 and rate={rate} > 0")
+    rng = random.Random(seed)  # Python's generator: the same draws on every machine and library version
+    trace, at = [], 0.0
+    for i in range(n):
+        if i:
+            at += rng.expovariate(rate)  # the first request arrives at time 0
+        length = rng.randint(*prompt_len)
+        trace.append(TraceRequest(at, [rng.randrange(vocab_size) for _ in range(length)], rng.randint(*new_tokens)))
+    return trace
+
+
+@dataclass
+class ReplayResult:
+    """What :func:`replay` measured: per request, per step, and in all.
+
+    Times are seconds on the replay's clock (the sum of the measured step times, jumping over
+    idle time to the next arrival). ``ttft[i]``: request ``i``'s time to first token (from
+    its arrival); ``tpot[i]``: its time per output token after the first; ``kv_bytes`` and
+    ``kv_contiguous_bytes``: after each step, the bytes of the blocks in use, and what a
+    contiguous cache with one max-length row per running request would hold.
+    """
+
+    policy: str
+    tokens: dict[int, list[int]]
+    ttft: list[float]
+    tpot: list[float]
+    makespan: float
+    kv_bytes: list[int]
+    kv_contiguous_bytes: list[int]
+    batch_sizes: list[int]
+    preemptions: int
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second, from the first arrival to the last token."""
+        return sum(len(t) for t in self.tokens.values()) / self.makespan
+
+    def summary(self) -> dict[str, float]:
+        """Throughput, TTFT and TPOT medians and 99th percentiles, and KV memory (MiB)."""
+        q = lambda xs, p: float(torch.tensor(xs, dtype=torch.float64).quantile(p)) if xs else float("nan")
+        return {"throughput": self.throughput, "ttft_p50": q(self.ttft, 0.5), "ttft_p99": q(self.ttft, 0.99),
+                "tpot_p50": q(self.tpot, 0.5), "tpot_p99": q(self.tpot, 0.99),
+                "kv_mib_peak": max(self.kv_bytes) / 2**20, "kv_contiguous_mib_peak": max(self.kv_contiguous_bytes) / 2**20,
+                "mean_batch": sum(self.batch_sizes) / len(self.batch_sizes)}
+
+
+POLICIES = ("one-at-a-time", "static", "continuous")
+
+
+def replay(model: nn.Module, trace: Sequence[TraceRequest], policy: str, *, max_batch: int = 16,
+           block_size: int = 16, num_blocks: int | None = None) -> ReplayResult:
+    """Serve ``trace`` with one of three schedules, all on an :class:`Engine`, and measure it.
+
+    * ``"one-at-a-time"``: one request runs, the others queue (``max_batch=1``);
+    * ``"static"``: a batch of up to ``max_batch`` queued requests starts only when the
+      previous batch has entirely finished (a finished request leaves early, but no new one
+      joins a running batch);
+    * ``"continuous"``: waiting requests join the running batch at every step.
+
+    The same kernels run in all three, so the differences are the schedule's. The clock is
+    the sum of the measured step times; when nothing runs and nothing has arrived, it jumps
+    to the next arrival (no sleeping). Requests arrive at step boundaries.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
+    engine = Engine(model, block_size=block_size, num_blocks=num_blocks,
+                    max_batch=1 if policy == "one-at-a-time" else max_batch)
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
+    queue: deque[int] = deque()  # arrived, not yet given to the engine (static batching only)
+    rid_to_index: dict[int, int] = {}
+    first, last, counts = {}, {}, {}
+    kv, contiguous, batch_sizes = [], [], []
+    now, nxt = 0.0, 0
+    while nxt < len(order) or queue or engine.has_unfinished():
+        while nxt < len(order) and trace[order[nxt]].arrival <= now:
+            queue.append(order[nxt])
+            nxt += 1
+        if policy != "static" or not engine.has_unfinished():
+            take = len(queue) if policy != "static" else min(len(queue), max_batch)
+            for _ in range(take):
+                i = queue.popleft()
+                rid_to_index[engine.add_request(trace[i].prompt, trace[i].max_new_tokens)] = i
+        if not engine.has_unfinished():
+            now = max(now, trace[order[nxt]].arrival)  # idle: jump to the next arrival
+            continue
+        start = time.perf_counter()
+        outputs = engine.step()
+        now += time.perf_counter() - start
+        for out in outputs:
+            i = rid_to_index[out.request_id]
+            first.setdefault(i, now)
+            last[i], counts[i] = now, counts.get(i, 0) + 1
+        per_block = engine.kv_bytes_per_block()
+        kv.append(engine.blocks_in_use * per_block)
+        contiguous.append(len(engine.running) * engine.max_seq_len * per_block // engine.block_size)
+        batch_sizes.append(len(engine.running))
+    tokens = {rid_to_index[rid]: t for rid, t in engine.run().items()}
+    ttft = [first[i] - trace[i].arrival for i in range(len(trace))]
+    tpot = [(last[i] - first[i]) / (counts[i] - 1) for i in range(len(trace)) if counts[i] > 1]
+    makespan = max(last.values()) - trace[order[0]].arrival
+    return ReplayResult(policy, tokens, ttft, tpot, makespan, kv, contiguous, batch_sizes, engine.preemptions)
