@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from companion.generate import sample_next
 
-__all__ = ["BlockAllocator", "Engine", "PagedKVCache", "ReplayResult", "StepOutput", "TraceRequest", "replay",
+__all__ = ["BlockAllocator", "Engine", "block_slots", "PagedKVCache", "ReplayResult", "StepOutput", "TraceRequest", "replay",
            "synthetic_trace"]
 
 
@@ -129,6 +129,22 @@ class BlockAllocator:
                 raise RuntimeError(f"block {block} is freed but not held")
             self._held.remove(block)
             self._free.append(block)
+
+
+def block_slots(block_table: Tensor, positions: Tensor, block_size: int, pad_slot: int = 0) -> Tensor:
+    """Where ``positions`` live in the pool, given a request's ``block_table``.
+
+    Position ``p`` is in block ``block_table[p // block_size]``, at offset ``p % block_size``,
+    which is row ``block * block_size + offset`` of the pool. ``block_table`` ``(n,)`` with
+    ``positions`` ``(C,)``, or one table per row, ``(B, n)`` with ``(B, C)``. A negative
+    position (padding) gives ``pad_slot``.
+
+    >>> block_slots(torch.tensor([7, 2]), torch.tensor([0, 1, 2, 3, 4, -1]), block_size=3, pad_slot=99)
+    tensor([21, 22, 23,  6,  7, 99])
+    """
+    valid = positions.clamp(min=0)
+    slots = block_table.gather(-1, valid // block_size) * block_size + valid % block_size
+    return torch.where(positions >= 0, slots, pad_slot)
 
 
 class _PagedBatch:
@@ -454,9 +470,7 @@ class Engine:
         width = max(len(r.blocks) for r in requests)
         tables = torch.tensor([r.blocks + [self.num_blocks] * (width - len(r.blocks)) for r in requests],
                               dtype=torch.long, device=self.device)  # (B, blocks): the block tables
-        valid = positions.clamp(min=0)
-        slots = tables.gather(1, valid // self.block_size) * self.block_size + valid % self.block_size
-        return torch.where(positions >= 0, slots, self.num_blocks * self.block_size)
+        return block_slots(tables, positions, self.block_size, pad_slot=self.num_blocks * self.block_size)
 
     def _forward(self, idx: Tensor, start_pos: int, left_pad: Tensor, write: Tensor, read: Tensor) -> Tensor:
         """Next-token logits ``(B, V)`` of ``idx`` ``(B, T)``, through the paged caches.
