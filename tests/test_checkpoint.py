@@ -234,3 +234,27 @@ def test_not_a_directory_or_no_config(tmp_path):
 def test_name_maps_are_inverse():
     for name in ["model.embed_tokens.weight", "model.layers.3.self_attn.dense.bias", "lm_head.weight"]:
         assert checkpoint.ours_to_hf(checkpoint.hf_to_ours(name)) == name
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "phi"])
+def test_save_pretrained_round_trips_through_ours_and_transformers(family, tmp_path):
+    """A float model saved by save_pretrained loads back in ours and in transformers with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from companion.checkpoint import save_pretrained
+    from companion.llama import Llama, LlamaConfig
+    from companion.mistral import Mistral, MistralConfig
+    from companion.phi import Phi, PhiConfig
+
+    cls, config = {"llama": (Llama, LlamaConfig), "mistral": (Mistral, MistralConfig), "phi": (Phi, PhiConfig)}[family]
+    torch.manual_seed(0)
+    model = cls(config.preset("tiny")).eval()
+    save_pretrained(model, tmp_path / family)
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    again = cls.from_pretrained(tmp_path / family).eval()
+    assert torch.equal(again(idx), model(idx))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / family).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, model(idx), atol=1e-5)
+    with pytest.raises(ValueError, match="saves Llama, Mistral or Phi models, not Linear"):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path / "bad")

@@ -255,7 +255,10 @@ def test_allocator_refuses_double_free_and_overdraw():
     (dict(prompt_ids=[1, 2], max_new_tokens=0), "max_new_tokens=0 must be an int >= 1"),
     (dict(prompt_ids=[1, 2], max_new_tokens=True), "max_new_tokens=True"),
     (dict(prompt_ids=list(range(60)), max_new_tokens=10), "needs 70 positions, more than the model's context of 64"),
-    (dict(prompt_ids=[1], max_new_tokens=2, temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    (dict(prompt_ids=[1], max_new_tokens=2, temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
+    (dict(prompt_ids=[1], max_new_tokens=2, temperature=float("nan")), "temperature=nan"),
+    (dict(prompt_ids=[1], max_new_tokens=2, temperature=1.0, top_k=0), "top_k=0 must be None or an int >= 1"),
+    (dict(prompt_ids=[1], max_new_tokens=2, temperature=1.0, top_p=1.5), r"top_p=1.5 must be None or a number in \(0, 1\]"),
     (dict(prompt_ids=[1], max_new_tokens=2, eos_token_id=999), "eos_token_id=999 is not a token id"),
 ])
 def test_bad_requests_are_refused_with_the_rule(kwargs, message):

@@ -43,7 +43,10 @@ __all__ = [
     "check_model_type",
     "check_tensors",
     "check_unsupported",
+    "MODEL_TYPES",
     "hf_state_dict",
+    "save_pretrained",
+    "tied_embeddings",
     "hf_to_ours",
     "load_hf_state_dict",
     "load_model",
@@ -390,3 +393,40 @@ def load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Our model's weights under Hugging Face's names (the tensors are shared, not copied)."""
     return {ours_to_hf(n): p for n, p in model.named_parameters()}
+
+
+# Our model classes, and the model_type and architecture Hugging Face gives them in config.json.
+MODEL_TYPES = {"Llama": ("llama", "LlamaForCausalLM"), "Mistral": ("mistral", "MistralForCausalLM"),
+               "Phi": ("phi", "PhiForCausalLM")}
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Does the output layer share the embedding's weight (``tie_word_embeddings``)?"""
+    head, embed = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+    return isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) and head.weight is embed.weight
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, extra_config: Mapping[str, Any] | None = None) -> Path:
+    """Write a Llama, Mistral or Phi as a Hugging Face directory: ``config.json`` and ``model.safetensors``.
+
+    ``config.json`` is the model's config in Hugging Face's names (``config.to_hf()``, with
+    ``model_type`` and ``architectures``) plus ``extra_config``; the tensors are stored under
+    Hugging Face's names, a tied output layer once, as the embedding. Our ``from_pretrained``,
+    ``transformers``' ``AutoModelForCausalLM.from_pretrained`` and ``python -m companion.serve
+    --model DIR`` all read the directory. Nothing in it is code. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    kind = type(model).__name__
+    if kind not in MODEL_TYPES or not hasattr(model, "config"):
+        raise ValueError(f"save_pretrained saves Llama, Mistral or Phi models, not {kind}")
+    model_type, architecture = MODEL_TYPES[kind]
+    config = {"architectures": [architecture], "model_type": model_type, **model.config.to_hf(), **(extra_config or {})}
+    tensors = {ours_to_hf(name): t.detach().contiguous() for name, t in model.state_dict().items()}
+    if tied_embeddings(model):  # stored once, as the embedding, as Hugging Face does
+        tensors.pop("lm_head.weight")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory

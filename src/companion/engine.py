@@ -336,8 +336,12 @@ class Engine:
         if needed > self.num_blocks:
             raise ValueError(f"the prompt plus max_new_tokens needs {needed} blocks of {self.block_size} "
                              f"positions, more than the engine's num_blocks={self.num_blocks}")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy decoding)")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy decoding)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} must be None or an int >= 1")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
         if eos_token_id is not None and not (isinstance(eos_token_id, Integral) and 0 <= eos_token_id < self.vocab_size):
             raise ValueError(f"eos_token_id={eos_token_id!r} is not a token id: ids are ints in [0, {self.vocab_size})")
         generator = None

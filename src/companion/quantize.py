@@ -69,7 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.checkpoint import Checkpoint, CheckpointError, check_tensors, hf_to_ours, ours_to_hf
+from companion.checkpoint import (Checkpoint, CheckpointError, check_tensors, hf_to_ours, ours_to_hf, save_pretrained,
+                                  tied_embeddings)
 from companion.layers import Linear, _compiling
 
 __all__ = [
@@ -467,13 +468,6 @@ def _targets(model: nn.Module, include_embedding: bool, include_lm_head: bool) -
     return names
 
 
-def _tied(model: nn.Module) -> bool:
-    """Does the output layer share the embedding's weight (``tie_word_embeddings``)?"""
-    head, embed = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
-    return (isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding)
-            and head.weight is embed.weight)
-
-
 def _check_scheme(scheme: str, group_size: int | None) -> tuple[int, int | None]:
     """``(bits, group_size)`` for ``scheme``, or a ValueError naming the bad argument."""
     if scheme not in ("int8", "int4"):
@@ -508,7 +502,7 @@ def quantize_(model: nn.Module, scheme: str, *, group_size: int | None = None,
         raise ValueError(f"the model is already quantized ({found[0]} is {type(model.get_submodule(found[0])).__name__}); "
                          "call dequantize(model) first")
     names = _targets(model, include_embedding, include_lm_head)
-    if include_embedding and not include_lm_head and _tied(model):
+    if include_embedding and not include_lm_head and tied_embeddings(model):
         raise ValueError("lm_head shares the embedding's weight (tie_word_embeddings): quantizing the embedding "
                          "alone would leave lm_head a float copy of it; pass include_lm_head=True")
     if bits == 4:
@@ -553,10 +547,6 @@ def dequantize(module: nn.Module) -> nn.Module:
 # ---- saving and loading ----------------------------------------------------------------------
 
 # Our model classes and what Hugging Face calls them in config.json.
-MODEL_TYPES = {"Llama": ("llama", "LlamaForCausalLM"), "Mistral": ("mistral", "MistralForCausalLM"),
-               "Phi": ("phi", "PhiForCausalLM")}
-
-
 def _hf_module_name(name: str) -> str:
     """``layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj``; ``lm_head`` stays ``lm_head``."""
     return ours_to_hf(name + ".weight").removesuffix(".weight")
@@ -586,26 +576,11 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     ``config.json`` is the model's Hugging Face config plus a ``quantization_config``
     (``{"quant_method": "companion", "bits": 8 or 4, "group_size": ..., "scheme": ...,
     "modules": [...]}``); tensors are stored under Hugging Face's names, the quantized
-    layers as ``<module>.qweight``, ``<module>.scales`` (and ``<module>.mins`` for int4).
-    ``Model.from_pretrained(directory)`` loads it back. Returns the directory.
+    layers as ``<module>.qweight``, ``<module>.scales`` (and ``<module>.mins`` for int4)
+    (:func:`companion.checkpoint.save_pretrained`). ``Model.from_pretrained(directory)``
+    loads it back. Returns the directory.
     """
-    from safetensors.torch import save_file
-
-    kind = type(model).__name__
-    if kind not in MODEL_TYPES or not hasattr(model, "config"):
-        raise ValueError(f"save_quantized saves Llama, Mistral or Phi models, not {kind}")
-    quant = quantization_config(model)
-    model_type, architecture = MODEL_TYPES[kind]
-    config = {"architectures": [architecture], "model_type": model_type, **model.config.to_hf(),
-              "quantization_config": quant}
-    tensors = {ours_to_hf(name): t.detach().contiguous() for name, t in model.state_dict().items()}
-    if _tied(model):  # stored once, as the embedding, as Hugging Face does
-        tensors.pop("lm_head.weight")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
+    return save_pretrained(model, directory, extra_config={"quantization_config": quantization_config(model)})
 
 
 def _read_quantization_config(quant: Any) -> tuple[int, int | None, list[str]]:
@@ -703,7 +678,7 @@ def load_quantized(model_cls: Callable[[Any], nn.Module], config: Any, path: str
     ckpt = Checkpoint(path)
     with torch.device("meta"):
         model = model_cls(config)
-    tied = _tied(model)
+    tied = tied_embeddings(model)
     if tied and "model.embed_tokens" in modules and "lm_head" not in modules:
         raise CheckpointError("config.json ties lm_head to the embedding, and quantization_config lists the "
                               "embedding but not lm_head; save_quantized never writes that")

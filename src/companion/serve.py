@@ -916,7 +916,8 @@ def load_model_dir(path: str | Path, *, dtype: Any = "float32", device: Any = "c
     The family comes from ``config.json``'s ``model_type`` (``llama``, ``mistral`` or
     ``phi``; any other is a ``ValueError`` naming it), and the weights are read by the
     family's ``from_pretrained`` in ``dtype`` on ``device``: a directory written by
-    Hugging Face's ``save_pretrained`` or by :func:`companion.quantize.save_quantized`.
+    :func:`companion.checkpoint.save_pretrained` (or Hugging Face's ``save_pretrained``), or
+    by :func:`companion.quantize.save_quantized`.
     ``tokenizer.json``, if present, is read with Hugging Face's ``tokenizers`` package
     (:func:`companion.tokenizers.to_huggingface` makes one from this package's BPE). The end
     token is ``config.json``'s ``eos_token_id``; where that is a list (several end tokens),
