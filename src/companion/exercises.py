@@ -3,11 +3,18 @@
 A chapter's exercise gives the learner a stub to fill in, then calls :func:`check`,
 which runs the learner's function and the reference on the same inputs and prints a
 verdict a learner can act on: which input failed, what was expected, what came back.
+:func:`check` returns nothing, so that a check at the end of a cell shows only its verdict;
+:func:`passes` prints the same verdict and returns it as a bool, for code that acts on it.
 
 >>> def square(x): return x * x
 >>> check(square, lambda x: x ** 2, [(2,), (3,)], name="square")
 ✅ square: all 2 checks passed.
-True
+>>> passes(lambda x: x + x, lambda x: x ** 2, [(2,), (3,)], name="square")
+❌ square: case 2 of 2 failed: expected 9, got 6
+   inputs:   tuple of 1: [3]
+   expected: 9
+   got:      6
+False
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["check", "describe", "same"]
+__all__ = ["check", "describe", "passes", "same"]
 
 
 def describe(value: Any, limit: int = 6) -> str:
@@ -38,7 +45,12 @@ def describe(value: Any, limit: int = 6) -> str:
 
 
 def same(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
-    """None if ``got`` matches ``expected``, else the reason it does not."""
+    """None if ``got`` matches ``expected``, else the reason it does not.
+
+    Tensors (and numpy arrays) must agree in shape and dtype, then in value within the
+    tolerances; lists and tuples item by item; floats within the tolerances; anything
+    else by ``==``.
+    """
     if isinstance(expected, np.ndarray):
         expected = torch.from_numpy(expected)
     if isinstance(got, np.ndarray):
@@ -48,6 +60,8 @@ def same(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str
             return f"expected a tensor, got {type(got).__name__}"
         if got.shape != expected.shape:
             return f"expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}"
+        if got.dtype != expected.dtype:
+            return f"expected dtype {expected.dtype}, got dtype {got.dtype}"
         g, e = got.detach().double().cpu(), expected.detach().double().cpu()
         if not torch.allclose(g, e, atol=atol, rtol=rtol, equal_nan=True):
             gap = (g - e).abs()
@@ -76,7 +90,7 @@ def same(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str
     return None
 
 
-def check(
+def passes(
     fn: Callable[..., Any],
     reference: Callable[..., Any],
     cases: Sequence[Sequence[Any]],
@@ -85,7 +99,7 @@ def check(
     atol: float = 1e-5,
     rtol: float = 1e-4,
 ) -> bool:
-    """Run ``fn`` and ``reference`` on every case of arguments and print a verdict.
+    """Run ``fn`` and ``reference`` on every case of arguments, print a verdict, return it.
 
     Each case is a tuple of positional arguments. The first failing case is reported
     with its inputs, the expected value and the value ``fn`` returned (or the error it
@@ -116,3 +130,20 @@ def check(
     n = len(cases)
     print(f"✅ {name}: all {n} checks passed." if n > 1 else f"✅ {name}: the check passed.")
     return True
+
+
+def check(
+    fn: Callable[..., Any],
+    reference: Callable[..., Any],
+    cases: Sequence[Sequence[Any]],
+    *,
+    name: str | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> None:
+    """Print the verdict of :func:`passes` on ``fn`` and return nothing.
+
+    A chapter's check cell ends with this call: returning None keeps the printed verdict
+    the cell's only output. Use :func:`passes` where the verdict is needed as a bool.
+    """
+    passes(fn, reference, cases, name=name, atol=atol, rtol=rtol)

@@ -80,15 +80,11 @@ def hidden(question: str) -> Callable[[Callable[..., None]], Callable[..., None]
 def expect_same(got: Any, expected: Any, case: str, atol: float = 1e-5, rtol: float = 1e-4) -> None:
     """Raise AssertionError naming ``case`` unless ``got`` matches ``expected``.
 
-    Tensors must agree in shape and dtype, then in value within the tolerances (as
-    :func:`companion.exercises.same` compares them).
+    Tensors must agree in shape and dtype, then in value within the tolerances, as
+    :func:`companion.exercises.same` compares them.
     """
-    import torch
-
     from .exercises import same
 
-    if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor) and got.dtype != expected.dtype:
-        raise AssertionError(f"{case}: expected dtype {expected.dtype}, got {got.dtype}")
     reason = same(got, expected, atol, rtol)
     if reason:
         raise AssertionError(f"{case}: {reason}")
@@ -102,18 +98,17 @@ def run_checks(env: dict[str, Any], source: str) -> None:
     learner would have read. A cell that calls ``check`` no time fails too: a public test
     that checks nothing is a defect of the assignment, not a pass.
     """
-    from .exercises import check as print_verdict
+    from .exercises import passes
 
     calls: list[bool] = []
 
-    def strict_check(*args: Any, **kwargs: Any) -> bool:
+    def strict_check(*args: Any, **kwargs: Any) -> None:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            passed = print_verdict(*args, **kwargs)
+            passed = passes(*args, **kwargs)
         calls.append(passed)
         if not passed:
             raise AssertionError(out.getvalue().strip())
-        return True
 
     scope = dict(env)
     scope["check"] = strict_check
