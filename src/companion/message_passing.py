@@ -313,19 +313,20 @@ def draw_graph(
     for i, j in edges:
         if not two_rows and i == j:
             x, y = at_receiver[i]
-            ax.add_patch(Circle((x, y + 0.3), 0.15, fill=False, lw=0.8, color="tab:blue"))
+            ax.add_patch(Circle((x, y + 0.31), 0.14, fill=False, lw=0.8, color="tab:blue"))
             continue
         bend = 0.0 if two_rows else -0.5  # bends left of travel: rightwards above, leftwards below
         ax.add_patch(FancyArrowPatch(at_sender[j], at_receiver[i], arrowstyle="-|>", lw=0.8,
-                                     mutation_scale=9, color="tab:blue", shrinkA=8, shrinkB=8,
+                                     mutation_scale=9, color="tab:blue", shrinkA=12, shrinkB=12,
                                      connectionstyle=f"arc3,rad={bend}"))
     rows = [(receivers, at_receiver, "tab:orange")]
     if two_rows:
         rows.append((senders, at_sender, "tab:green"))
     for names, places, color in rows:
         for name, (x, y) in zip(names, places):
-            ax.scatter([x], [y], s=230, color=color, zorder=3)
-            ax.text(x, y, name, ha="center", va="center", fontsize=8, zorder=4)
+            # a rounded box that grows with its label, so that every name fits inside its node
+            ax.text(x, y, name, ha="center", va="center", fontsize=9, zorder=4,
+                    bbox=dict(boxstyle="round,pad=0.3", fc=color, ec="none"))
     ax.set_xlim(-0.7, max(n, s) - 0.3)
     ax.set_ylim(-0.6, 1.5) if two_rows else ax.set_ylim(-1.3, 1.3)
     ax.axis("off")
