@@ -1,6 +1,6 @@
 """Batched generation: tokens per second against batch size, for a small Llama on a CPU.
 
-:func:`companion.batching.generate_batch` generates for a batch of prompts of different
+:func:`companion.generation.batching.generate_batch` generates for a batch of prompts of different
 lengths at once (left padding, per-row positions). Every decoding step reads every weight
 once, whether for one row or for 64, so more rows per step give more tokens per second,
 until the arithmetic, not the reading of weights, becomes the limit. This script measures
@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from companion.batching import generate_batch
-from companion.decode import decode
+from companion.generation.batching import generate_batch
+from companion.generation.static_cache import decode
 from companion.llama import Llama, LlamaConfig, count_parameters
 
 SIZES = {
@@ -111,7 +111,7 @@ def main() -> None:
         steps_rate = (tokens - len(batches) * b) / max(wall - prefill, 1e-9)  # the tokens after the first
         print(f"{b:>5} {len(batches) * b:>7} {tokens:>7} {wall:>7.2f} {rate:>9.1f} {rate / base:>9.2f}x "
               f"{pad / columns:>8.0%} {prefill:>9.2f} {steps_rate:>14.1f}")
-    print("Every batch's first row equals its prompt generated alone (companion.decode.decode).")
+    print("Every batch's first row equals its prompt generated alone (companion.generation.static_cache.decode).")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ reads every weight once (except the embedding table, of which it reads one row),
 
 Each run times Hugging Face ``generate`` (with its dynamic cache, and with
 ``cache_implementation="static"``), our eager loop and our loop with the step compiled by
-:func:`companion.decode.compile_step` (on a CPU, tens of seconds of compilation first, not
+:func:`companion.generation.static_cache.compile_step` (on a CPU, tens of seconds of compilation first, not
 counted; ``--no-compile`` skips it). ``--quant int8 int4`` adds our weight-only quantized
 models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
 the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights:
@@ -34,7 +34,7 @@ import torch
 
 from companion.bench import measure_bandwidth, synchronize
 from companion.checkpoint import hf_state_dict
-from companion.decode import compile_step, decode
+from companion.generation.static_cache import compile_step, decode
 from companion.llama import Llama, LlamaConfig, count_parameters
 
 SIZES = {

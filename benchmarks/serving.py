@@ -1,9 +1,9 @@
 """Serving a trace of requests: one at a time, static batches, continuous batching.
 
-A seeded synthetic trace (:func:`companion.engine.synthetic_trace`: Poisson arrivals at
+A seeded synthetic trace (:func:`companion.generation.engine.synthetic_trace`: Poisson arrivals at
 ``--rate`` requests per second, prompt and output lengths uniform in the given ranges) is
-served three ways by :func:`companion.engine.replay`, all on the same
-:class:`companion.engine.Engine` and so the same kernels:
+served three ways by :func:`companion.generation.engine.replay`, all on the same
+:class:`companion.generation.engine.Engine` and so the same kernels:
 
 * one at a time (``max_batch=1``);
 * static batching: up to ``--max-batch`` queued requests start together, and the next batch
@@ -31,7 +31,7 @@ import platform
 
 import torch
 
-from companion.engine import POLICIES, replay, synthetic_trace
+from companion.generation.engine import POLICIES, replay, synthetic_trace
 from companion.llama import Llama, LlamaConfig, count_parameters
 
 SIZES = {

@@ -127,7 +127,7 @@ def test_my_sequence_log_prob_empty_and_one(my_sequence_log_prob):
 @hidden("my_sequence_log_prob")
 def test_my_sequence_log_prob_whole_prefix(my_sequence_log_prob):
     import torch
-    from companion import decoding
+    from companion.generation import beam
     from companion.grading import expect_same
     g = torch.Generator().manual_seed(31)
     V = 5
@@ -140,14 +140,14 @@ def test_my_sequence_log_prob_whole_prefix(my_sequence_log_prob):
 
     tokens = torch.randint(0, V, (9,), generator=g).tolist()
     for start in ([3], [4, 0, 2]):
-        expect_same(my_sequence_log_prob(step_fn, start, tokens), decoding.sequence_log_prob(step_fn, start, tokens),
+        expect_same(my_sequence_log_prob(step_fn, start, tokens), beam.sequence_log_prob(step_fn, start, tokens),
                     f"a model that reads the whole prefix, start={start}, 9 tokens")
 
 
 @hidden("my_sequence_log_prob")
 def test_my_sequence_log_prob_own_code(my_sequence_log_prob):
     import torch
-    from companion import decoding
+    from companion.generation import beam
     from companion.grading import expect_same, forbidding
     g = torch.Generator().manual_seed(32)
     log_table = torch.randn(4, 4, generator=g).log_softmax(dim=-1)  # float32 model
@@ -156,12 +156,12 @@ def test_my_sequence_log_prob_own_code(my_sequence_log_prob):
         return log_table[prefix[-1]]
 
     tokens = torch.randint(0, 4, (40,), generator=g).tolist()
-    if my_sequence_log_prob is decoding.sequence_log_prob:
-        raise AssertionError("my_sequence_log_prob is decoding.sequence_log_prob itself: this exercise asks for your own code")
-    with forbidding(my_sequence_log_prob, "companion.decoding.sequence_log_prob"):
+    if my_sequence_log_prob is beam.sequence_log_prob:
+        raise AssertionError("my_sequence_log_prob is beam.sequence_log_prob itself: this exercise asks for your own code")
+    with forbidding(my_sequence_log_prob, "companion.generation.beam.sequence_log_prob"):
         got = my_sequence_log_prob(step_fn, [1], tokens)
-    expect_same(got, decoding.sequence_log_prob(step_fn, [1], tokens),
-                "40 tokens from a float32 model, without decoding.sequence_log_prob")
+    expect_same(got, beam.sequence_log_prob(step_fn, [1], tokens),
+                "40 tokens from a float32 model, without beam.sequence_log_prob")
 
 
 @hidden("one_hot_distances")

@@ -256,7 +256,7 @@ def test_top_p_rows_and_ties(my_top_p):
 @hidden("my_top_p")
 def test_top_p_float64_and_large_logits(my_top_p):
     import torch
-    from companion.generate import top_p_filter
+    from companion.generation.sampling import top_p_filter
     from companion.grading import expect_same
     g = torch.Generator().manual_seed(75)
     logits = torch.randn(5, 50, generator=g, dtype=torch.float64) * 2
@@ -278,14 +278,14 @@ def test_top_p_float64_and_large_logits(my_top_p):
 @hidden("my_top_p")
 def test_top_p_own_code(my_top_p):
     import torch
-    import companion.generate
+    import companion.generation.sampling
     from companion.grading import expect_same, forbidding
-    if my_top_p is companion.generate.top_p_filter:
+    if my_top_p is companion.generation.sampling.top_p_filter:
         raise AssertionError("my_top_p is companion's top_p_filter itself: this exercise asks for your own code")
     g = torch.Generator().manual_seed(76)
     logits = torch.randn(3, 40, generator=g) * 2
-    expected = companion.generate.top_p_filter(logits, 0.7)
-    with forbidding(my_top_p, "companion.generate.top_p_filter"):
+    expected = companion.generation.sampling.top_p_filter(logits, 0.7)
+    with forbidding(my_top_p, "companion.generation.sampling.top_p_filter"):
         got = my_top_p(logits, 0.7)
     case = "random (3, 40) logits, p=0.7, without companion's top_p_filter"
     if isinstance(got, torch.Tensor) and got.shape == expected.shape:  # name the kept tokens first

@@ -6,7 +6,7 @@ from companion.grading import hidden
 @hidden("slot_of")
 def test_slot_of_long_tables_and_large_blocks(slot_of):
     import torch
-    from companion.engine import block_slots
+    from companion.generation.engine import block_slots
     from companion.grading import expect_same
     table = torch.tensor([13, 0, 7, 2, 11])
     positions = torch.tensor([79, 0, 16, 15, 33, 64, 47])  # last of the last block, first of each, boundaries
@@ -19,7 +19,7 @@ def test_slot_of_long_tables_and_large_blocks(slot_of):
 @hidden("slot_of")
 def test_slot_of_uses_its_arguments(slot_of):
     import torch
-    from companion.engine import block_slots
+    from companion.generation.engine import block_slots
     from companion.grading import expect_same
     for block_size in (2, 5, 32):
         table = torch.randperm(9, generator=torch.Generator().manual_seed(block_size))
@@ -32,7 +32,7 @@ def test_slot_of_uses_its_arguments(slot_of):
 def test_residual_matches_the_package_on_random_distributions(residual):
     import torch
     from companion.grading import expect_same
-    from companion.speculative import residual_distribution
+    from companion.generation.speculative import residual_distribution
     gen = torch.Generator().manual_seed(21)
     for V in (2, 7, 50):
         p, q = torch.softmax(torch.randn(2, 4, V, generator=gen) * 3, dim=-1)
@@ -56,7 +56,7 @@ def test_residual_rows_are_independent(residual):
 @hidden("pad_left")
 def test_pad_left_many_lengths(pad_left):
     import torch
-    from companion.batching import left_pad_batch
+    from companion.generation.batching import left_pad_batch
     from companion.grading import expect_same
     gen = torch.Generator().manual_seed(31)
     prompts = [torch.randint(0, 500, (int(n),), generator=gen).tolist() for n in torch.randint(1, 20, (9,), generator=gen)]

@@ -1,10 +1,10 @@
-"""companion.batching: a batch of prompts of different lengths gives each prompt's own tokens.
+"""companion.generation.batching: a batch of prompts of different lengths gives each prompt's own tokens.
 
 For the four families (Llama, Mistral with a window of 4, shorter than the prompts and the
 generations, Phi, and chapter 7's GPT), with small random float32 models and greedy decoding:
 
 * every row of ``generate_batch`` equals its prompt generated alone, by the plain uncached
-  loop of :func:`companion.generate.generate` (which shares no cache or padding code with
+  loop of :func:`companion.generation.sampling.generate` (which shares no cache or padding code with
   the batch), over lengths drawn by hypothesis (1 included, and past Mistral's window);
 * with an eos token, a row that produces it stops there (the eos included), the other rows
   go on, and every row still equals its prompt alone with the same eos;
@@ -24,8 +24,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from companion.batching import generate_batch, left_pad_batch
-from companion.generate import generate
+from companion.generation.batching import generate_batch, left_pad_batch
+from companion.generation.sampling import generate
 from companion.gpt import GPT, GPTConfig
 from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig

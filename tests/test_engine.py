@@ -1,11 +1,11 @@
-"""companion.engine: continuous batching over a paged KV cache.
+"""companion.generation.engine: continuous batching over a paged KV cache.
 
 For the four families (Llama with grouped KV heads, Mistral with a window of 4, shorter than
 the prompts and generations, Phi, and chapter 7's GPT), with small random float32 models and
 greedy decoding:
 
 * **exact**: every request's tokens equal its prompt generated alone by the plain uncached
-  loop of :func:`companion.generate.generate` (which shares no cache code with the engine),
+  loop of :func:`companion.generation.sampling.generate` (which shares no cache code with the engine),
   whatever runs beside it, with requests arriving while others run and leaving when done,
   over schedules drawn by hypothesis, and under a pool so small that requests are preempted
   and recomputed;
@@ -27,8 +27,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from companion.engine import BlockAllocator, Engine
-from companion.generate import generate
+from companion.generation.engine import BlockAllocator, Engine
+from companion.generation.sampling import generate
 from companion.gpt import GPT, GPTConfig
 from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig
@@ -287,7 +287,7 @@ def test_bad_engines_are_refused():
 
 def test_the_model_still_decodes_alone_after_serving():
     """The engine installs its caches for its own passes; decode sets up its own afterwards."""
-    from companion.decode import decode
+    from companion.generation.static_cache import decode
 
     model = random_model("mistral")
     engine = Engine(model, block_size=4)
@@ -300,7 +300,7 @@ def test_the_model_still_decodes_alone_after_serving():
 def test_trace_is_seeded_and_replay_policies_agree():
     """The trace is reproducible; the three schedules give every request the same tokens, and
     their batches are what the policy says (1; at most max_batch; at most max_batch)."""
-    from companion.engine import replay, synthetic_trace
+    from companion.generation.engine import replay, synthetic_trace
 
     trace = synthetic_trace(6, rate=50.0, vocab_size=VOCAB, prompt_len=(1, 8), new_tokens=(1, 8), seed=1)
     assert trace == synthetic_trace(6, rate=50.0, vocab_size=VOCAB, prompt_len=(1, 8), new_tokens=(1, 8), seed=1)

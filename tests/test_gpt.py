@@ -197,8 +197,8 @@ def test_cached_logits_equal_the_whole_sequence_pass(attn):
 
 @pytest.mark.parametrize("attn", ["sdpa", "explicit"])
 def test_cached_decoding_equals_uncached_generation(attn):
-    from companion.decode import decode
-    from companion.generate import generate
+    from companion.generation.static_cache import decode
+    from companion.generation.sampling import generate
 
     model = varied_gpt(attn)
     prompt = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(2))
@@ -209,7 +209,7 @@ def test_cached_decoding_equals_uncached_generation(attn):
 
 
 def test_cached_greedy_tokens_equal_hugging_face_generate():
-    from companion.decode import decode
+    from companion.generation.static_cache import decode
 
     hf = tiny_hf(seed=3)
     with torch.no_grad():

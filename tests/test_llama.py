@@ -7,9 +7,9 @@ import torch
 import transformers
 
 from companion.checkpoint import hf_state_dict, load_hf_state_dict
-from companion.decode import decode
+from companion.generation.static_cache import decode
 from companion import llama
-from companion.generate import generate
+from companion.generation.sampling import generate
 from companion.llama import Llama, LlamaConfig, count_parameters, hf_tensor_shapes
 
 

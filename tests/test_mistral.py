@@ -8,8 +8,8 @@ import transformers
 
 from companion import mistral
 from companion.checkpoint import load_hf_state_dict
-from companion.decode import decode
-from companion.generate import generate
+from companion.generation.static_cache import decode
+from companion.generation.sampling import generate
 from companion.layers import RollingKVCache
 from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig, count_parameters, hf_tensor_shapes

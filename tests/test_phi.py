@@ -10,8 +10,8 @@ from transformers.activations import NewGELUActivation
 
 from companion import phi
 from companion.checkpoint import load_hf_state_dict
-from companion.decode import decode
-from companion.generate import generate
+from companion.generation.static_cache import decode
+from companion.generation.sampling import generate
 from companion.phi import Phi, PhiConfig, count_parameters, hf_tensor_shapes
 
 

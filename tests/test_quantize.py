@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from companion import quantize as Q
 from companion.checkpoint import CheckpointError
-from companion.decode import compile_step
+from companion.generation.static_cache import compile_step
 from companion.device import plan_device
 from companion.layers import Linear
 from companion.llama import Llama, LlamaConfig

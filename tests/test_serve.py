@@ -1,6 +1,6 @@
 """companion.serve: the OpenAI-compatible endpoint, queried over loopback with a real HTTP client.
 
-Every expected token comes from :func:`companion.decode.decode` on the same model (greedy, one
+Every expected token comes from :func:`companion.generation.static_cache.decode` on the same model (greedy, one
 prompt alone), so the tests check that batching, streaming and cancelling change nothing in
 what a request gets. Every socket has a timeout and every server is closed by its fixture, so
 a failure fails, it never hangs.
@@ -20,7 +20,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from companion.decode import decode
+from companion.generation.static_cache import decode
 from companion.llama import Llama, LlamaConfig
 from companion.serve import APIError, load_model_dir, parse_completion_request, server_from_args, start_server
 

@@ -1,4 +1,4 @@
-"""companion.speculative: the target's own tokens (greedy) and the target's own distribution (sampling).
+"""companion.generation.speculative: the target's own tokens (greedy) and the target's own distribution (sampling).
 
 Oracles: greedy speculative decoding must give exactly ``decode(target, ...)``, whatever the
 draft; the rejection step must emit a token distributed exactly as the target's softmax
@@ -14,12 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from companion.decode import decode
-from companion.generate import generate
+from companion.generation.static_cache import decode
+from companion.generation.sampling import generate
 from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig
 from companion.phi import Phi, PhiConfig
-from companion.speculative import (SpeculativeStats, accept_or_resample, acceptance_probability,
+from companion.generation.speculative import (SpeculativeStats, accept_or_resample, acceptance_probability,
                                    residual_distribution, speculative_generate)
 
 WINDOW = 8

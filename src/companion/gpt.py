@@ -11,8 +11,8 @@ Module and parameter names are those of Hugging Face's ``GPT2LMHeadModel``
 key for key; only GPT-2's ``Conv1D`` weights are stored transposed (:func:`gpt_from_hf`).
 
 ``model(idx)`` runs a whole sequence. For generation the model also follows the KV-cache
-protocol of Llama, Mistral and Phi (:func:`companion.generate.generate`,
-:func:`companion.decode.decode`): after ``model.setup_cache(batch_size, max_seq_len)``,
+protocol of Llama, Mistral and Phi (:func:`companion.generation.sampling.generate`,
+:func:`companion.generation.static_cache.decode`): after ``model.setup_cache(batch_size, max_seq_len)``,
 ``model(idx, start_pos=p)`` feeds the tokens at positions ``p, p+1, ...``, keeps their keys
 and values in a preallocated :class:`~companion.layers.KVCache` and attends over it. The
 positions enter through the learned table ``wpe``, read at each token's own position, so a
@@ -114,7 +114,7 @@ class GPTConfig:
     def max_position_embeddings(self) -> int:
         """``n_positions`` under the name Llama, Mistral and Phi use for the context length.
 
-        Code written for their configs (:func:`companion.decode.decode` sizes its cache with
+        Code written for their configs (:func:`companion.generation.static_cache.decode` sizes its cache with
         it) reads a GPT's too.
 
         >>> GPTConfig.preset("tiny").max_position_embeddings
@@ -306,7 +306,7 @@ class GPT(nn.Module):
         a 0-d tensor) places the tokens at ``start_pos ..`` and uses the cache made by
         :meth:`setup_cache`. ``last_only=True`` returns logits for the last position only
         ``(B, 1, V)``. ``left_pad`` ``(B,)`` is the number of padding tokens at the start of
-        each row of a left-padded batch (:func:`companion.batching.generate_batch`): each row
+        each row of a left-padded batch (:func:`companion.generation.batching.generate_batch`): each row
         reads ``wpe`` from its first real token on, and no query attends to padding
         (:func:`~companion.layers.positions_and_mask`).
         """

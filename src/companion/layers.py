@@ -17,7 +17,7 @@
   optionally inside a sliding window, built from positions so it works with or without a
   cache. :func:`positions_and_mask`: the positions and the mask of a *left-padded* batch,
   where each row counts its own positions from its first real token
-  (:mod:`companion.batching`).
+  (:mod:`companion.generation.batching`).
 * :class:`KVCache`: preallocated keys and values, written at a position index (fixed shapes,
   so ``torch.compile`` and CUDA graphs can capture the decoding step).
   :class:`RollingKVCache`: the same for sliding-window attention, with ``window`` slots and

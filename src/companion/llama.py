@@ -13,7 +13,7 @@ no biases anywhere. Module names are those of Hugging Face's ``LlamaForCausalLM`
 The model runs in two ways: ``model(idx)`` is a plain forward pass over the whole sequence;
 after ``model.setup_cache(batch_size, max_seq_len)``, ``model(idx, start_pos=p)`` feeds the
 tokens at positions ``p, p+1, ...`` and keeps their keys and values in a preallocated
-:class:`~companion.layers.KVCache` (the protocol of :func:`companion.generate.generate`).
+:class:`~companion.layers.KVCache` (the protocol of :func:`companion.generation.sampling.generate`).
 
 Letters used in shape comments: B batch, T time, C channels (``hidden_size``), H query heads,
 K key/value heads, D head dimension, V vocabulary.
@@ -269,7 +269,7 @@ class Llama(nn.Module):
         positions ``start_pos ..`` and uses the cache made by :meth:`setup_cache`.
         ``last_only=True`` computes logits for the last position only ``(B, 1, V)``.
         ``left_pad`` ``(B,)``, for a batch of prompts padded on the left to one length (as
-        :func:`companion.batching.generate_batch` makes it), is the number of padding tokens
+        :func:`companion.generation.batching.generate_batch` makes it), is the number of padding tokens
         at the start of each row. Each row's positions then count from its first real token,
         and no query attends to padding (:func:`~companion.layers.positions_and_mask`), so
         each row's logits are those of its tokens alone. ``start_pos`` still counts columns

@@ -14,7 +14,7 @@ The window bounds the KV cache too: :class:`~companion.layers.RollingKVCache` ke
 
 Module names are those of Hugging Face's ``MistralForCausalLM`` without its ``model.``
 prefix. ``model(idx)`` runs a whole sequence; after ``setup_cache``, ``model(idx,
-start_pos=p)`` decodes with the cache (the protocol of :func:`companion.generate.generate`).
+start_pos=p)`` decodes with the cache (the protocol of :func:`companion.generation.sampling.generate`).
 
 Letters used in shape comments: B batch, T time, S key positions, C channels, H query heads,
 K key/value heads, D head dimension, V vocabulary.
@@ -275,7 +275,7 @@ class Mistral(nn.Module):
         a 0-d tensor) places the tokens at ``start_pos ..`` and uses the cache made by
         :meth:`setup_cache`. ``last_only=True`` returns logits for the last position only.
         ``left_pad`` ``(B,)``, for a batch of prompts padded on the left to one length (as
-        :func:`companion.batching.generate_batch` makes it), is the number of padding tokens
+        :func:`companion.generation.batching.generate_batch` makes it), is the number of padding tokens
         at the start of each row. Each row's positions then count from its first real token,
         and no query attends to padding (:func:`~companion.layers.positions_and_mask`), so
         each row's logits are those of its tokens alone. ``start_pos`` still counts columns

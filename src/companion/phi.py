@@ -15,7 +15,7 @@ Phi-2 is closer to GPT-2 than to Llama, with two ideas from GPT-J::
 
 Module names are those of Hugging Face's ``PhiForCausalLM`` without its ``model.`` prefix.
 ``model(idx)`` runs a whole sequence; after ``setup_cache``, ``model(idx, start_pos=p)``
-decodes with a preallocated KV cache (the protocol of :func:`companion.generate.generate`).
+decodes with a preallocated KV cache (the protocol of :func:`companion.generation.sampling.generate`).
 
 Letters used in shape comments: B batch, T time, C channels, H heads, D head dimension,
 R rotary dimension, V vocabulary.
@@ -277,7 +277,7 @@ class Phi(nn.Module):
         a 0-d tensor) places the tokens at ``start_pos ..`` and uses the cache made by
         :meth:`setup_cache`. ``last_only=True`` returns logits for the last position only.
         ``left_pad`` ``(B,)``, for a batch of prompts padded on the left to one length (as
-        :func:`companion.batching.generate_batch` makes it), is the number of padding tokens
+        :func:`companion.generation.batching.generate_batch` makes it), is the number of padding tokens
         at the start of each row. Each row's positions then count from its first real token,
         and no query attends to padding (:func:`~companion.layers.positions_and_mask`), so
         each row's logits are those of its tokens alone. ``start_pos`` still counts columns

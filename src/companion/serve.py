@@ -1,4 +1,4 @@
-"""An OpenAI-compatible completions endpoint over :class:`companion.engine.Engine`.
+"""An OpenAI-compatible completions endpoint over :class:`companion.generation.engine.Engine`.
 
 ``python -m companion.serve --model DIR`` loads a checkpoint directory and answers
 ``POST /v1/completions`` the way OpenAI's API does, so any client written for it (``curl``,
@@ -16,7 +16,7 @@ thread of its own; a handler thread talks to the loop only through queues:
   (the handler waits for the request id, or for the ``ValueError`` of ``add_request``),
   cancel one, read the statistics;
 * each request has its own *stream*, a queue into which the loop puts every
-  :class:`~companion.engine.StepOutput` of that request, the last one with
+  :class:`~companion.generation.engine.StepOutput` of that request, the last one with
   ``finished=True``.
 
 The loop runs the functions in its inbox, then one engine step, and again. When no request
@@ -866,7 +866,7 @@ def start_server(model: Any, *, tokenizer: Any = None, model_name: str = "compan
 
     ``model`` follows the cache protocol (:class:`~companion.llama.Llama`,
     :class:`~companion.mistral.Mistral`, :class:`~companion.phi.Phi`); it is wrapped in an
-    :class:`~companion.engine.Engine` built with ``engine_kwargs`` (``block_size``,
+    :class:`~companion.generation.engine.Engine` built with ``engine_kwargs`` (``block_size``,
     ``num_blocks``, ``max_batch``). An engine may be given instead of a model. ``port=0``
     picks a free port (read it from ``server.port``). The host defaults to the loopback
     address, so the server is reachable only from this machine.
@@ -891,7 +891,7 @@ def start_server(model: Any, *, tokenizer: Any = None, model_name: str = "compan
             raise TypeError(f"engine options {sorted(engine_kwargs)} need a model, not an engine that is already built")
         engine = model
     else:
-        from companion.engine import Engine
+        from companion.generation.engine import Engine
 
         engine = Engine(model, **engine_kwargs)
     return Server(engine, tokenizer=tokenizer, model_name=model_name, host=host, port=port,

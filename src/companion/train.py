@@ -490,7 +490,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     from companion.char_tokenizer import CharTokenizer
     from companion.data import load_tiny_shakespeare, train_val_split
     from companion.device import seed_everything
-    from companion.generate import generate
+    from companion.generation.sampling import generate
     from companion.gpt import GPT, GPTConfig
 
     rank, world_size = rank_and_world_size()

@@ -1,10 +1,10 @@
-"""A lean decoding loop for models with a preallocated KV cache.
+"""A lean decoding loop over a static KV cache: allocated once, at a fixed maximum length.
 
-:func:`companion.generate.generate` is the general loop of the book (any model, with or
-without a cache, stopping at an end token). This one does the least work per token, for
-models that follow the cache protocol (``setup_cache`` and ``model(idx, start_pos=...)``,
-as :class:`~companion.llama.Llama`, :class:`~companion.mistral.Mistral` and
-:class:`~companion.phi.Phi` do):
+:func:`companion.generation.sampling.generate` is the general loop of the book (any model,
+with or without a cache sized for the request, stopping at an end token). This one does the
+least work per token, for models that follow the cache protocol (``setup_cache`` and
+``model(idx, start_pos=...)``, as :class:`~companion.llama.Llama`,
+:class:`~companion.mistral.Mistral` and :class:`~companion.phi.Phi` do):
 
 * the prompt goes through the model once, and logits are computed for its last position only
   (``last_only=True``): the output layer is one of the largest matrices of a small model;
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from companion.generate import sample_next
+from companion.generation.sampling import sample_next
 
 __all__ = ["compile_step", "decode"]
 

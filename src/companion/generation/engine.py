@@ -1,7 +1,7 @@
 """Continuous batching over a paged KV cache: a serving engine in one file.
 
-:func:`companion.batching.generate_batch` decodes a fixed batch: every prompt starts
-together, and the batch runs until its longest request is done, with each row's cache
+:func:`companion.generation.batching.generate_batch` decodes a fixed batch: every prompt
+starts together, and the batch runs until its longest request is done, with each row's cache
 allocated for the longest prompt plus ``max_new_tokens``. A server sees something else:
 requests arrive at any time, want different numbers of tokens, and leave when they are done.
 Two ideas, both from vLLM (Kwon et al., 2023), make a batch out of that.
@@ -21,8 +21,8 @@ step it finishes, so a batch changes membership every step and no request waits 
 longer one to end.
 
 **How a step attends through the block tables.** The models take a cache through the
-protocol of :mod:`companion.batching` (one write column ``start_pos`` shared by the batch,
-and ``left_pad`` giving each row its own positions), so the engine presents the paged pool
+protocol of :mod:`companion.generation.batching` (one write column ``start_pos`` shared by the
+batch, and ``left_pad`` giving each row its own positions), so the engine presents the paged pool
 through that protocol: :class:`PagedKVCache` replaces each attention layer's cache. For a
 decoding step, row ``r`` has its new token at position ``p_r``; the columns are aligned on
 the right, as in a left-padded batch: the new tokens all sit in column ``C - 1`` with
@@ -74,7 +74,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from companion.generate import sample_next
+from companion.generation.sampling import sample_next
 
 __all__ = ["BlockAllocator", "Engine", "block_slots", "PagedKVCache", "ReplayResult", "StepOutput", "TraceRequest", "replay",
            "synthetic_trace"]

@@ -69,7 +69,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from companion.generate import sample_next
+from companion.generation.sampling import sample_next
 from companion.layers import KVCache, RollingKVCache
 
 __all__ = ["generate_batch", "left_pad_batch"]
@@ -155,9 +155,9 @@ def generate_batch(
     fewer for a row that produced ``eos_token_id`` (that row's list ends with it).
 
     ``temperature=0`` (the default) is greedy decoding, and then each row's tokens are the
-    tokens its prompt gives alone (with :func:`companion.generate.generate` or
-    :func:`companion.decode.decode`). ``temperature > 0`` samples, filtered by ``top_k`` and
-    ``top_p`` and drawn from ``generator`` (see :func:`companion.generate.sample_next`); the
+    tokens its prompt gives alone (with :func:`companion.generation.sampling.generate` or
+    :func:`companion.generation.static_cache.decode`). ``temperature > 0`` samples, filtered by ``top_k`` and
+    ``top_p`` and drawn from ``generator`` (see :func:`companion.generation.sampling.sample_next`); the
     draws depend on the batch, so a sampled row need not equal a sampled solo run.
 
     The model must be in eval mode (dropout would make rows differ from solo runs) and

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from companion.decoding import beam_search, greedy_search, sequence_log_prob
+from companion.generation.beam import beam_search, greedy_search, sequence_log_prob
 
 
 def bigram_model(table: torch.Tensor):

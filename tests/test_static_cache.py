@@ -1,4 +1,4 @@
-"""companion.decode with a compiled step: the tokens of the eager loop, for all three families.
+"""companion.generation.static_cache with a compiled step: the tokens of the eager loop, for all three families.
 
 The compiled step runs :class:`companion.layers.Linear`'s multiply-and-sum path on the CPU,
 so these tests check that path inside whole models, with biases (Phi) and with the rolling
@@ -8,7 +8,7 @@ cache past the end of Mistral's window.
 import pytest
 import torch
 
-from companion.decode import compile_step, decode
+from companion.generation.static_cache import compile_step, decode
 from companion.device import plan_device
 from companion.llama import Llama, LlamaConfig
 from companion.mistral import Mistral, MistralConfig
@@ -106,7 +106,7 @@ def test_decode_sizes_the_cache_for_the_model_or_the_caller():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_eos_stops_each_row_as_generate_does(name):
-    from companion.generate import generate
+    from companion.generation.sampling import generate
 
     model = random_model(name)
     prompt = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(5))

@@ -1,11 +1,11 @@
-"""companion.generate: greedy, temperature, top-k, top-p, stopping, seeding, errors."""
+"""companion.generation.sampling: greedy, temperature, top-k, top-p, stopping, seeding, errors."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from companion.generate import generate, sample_next, top_k_filter, top_p_filter
+from companion.generation.sampling import generate, sample_next, top_k_filter, top_p_filter
 from companion.gpt import GPT, GPTConfig
 
 

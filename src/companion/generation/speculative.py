@@ -1,10 +1,10 @@
 """Speculative decoding: a small model guesses, the large model checks several guesses at once.
 
 Generating one token with a large model reads every one of its weights, and on most hardware
-that reading, not the arithmetic, sets the speed (see :mod:`companion.decode`). Feeding the
-model ``k + 1`` tokens in one pass reads the weights once too, and costs little more than
-feeding one. Speculative decoding (Leviathan et al., 2023; Chen et al., 2023) turns that into
-fewer passes of the large model:
+that reading, not the arithmetic, sets the speed (see :mod:`companion.generation.static_cache`).
+Feeding the model ``k + 1`` tokens in one pass reads the weights once too, and costs little
+more than feeding one. Speculative decoding (Leviathan et al., 2023; Chen et al., 2023) turns
+that into fewer passes of the large model:
 
 1. a small **draft** model proposes ``k`` tokens, one after the other, cheaply;
 2. the large **target** model scores the last accepted token and the ``k`` proposals in a
@@ -210,8 +210,9 @@ def speculative_generate(
     """Append up to ``max_new_tokens`` tokens of ``target`` to ``idx`` ``(1, T)``; returns ``(1, T + n)``.
 
     ``draft`` proposes ``k`` tokens per round and ``target`` checks them in one pass (see the
-    module docstring). Both follow the cache protocol of :mod:`companion.decode` and share a
-    vocabulary; their caches are set up here, for ``T + max_new_tokens`` positions.
+    module docstring). Both follow the cache protocol of
+    :mod:`companion.generation.static_cache` and share a vocabulary; their caches are set up
+    here, for ``T + max_new_tokens`` positions.
     ``draft`` may be ``target`` itself: every proposal is then accepted.
 
     ``temperature=0`` (the default) gives exactly the tokens of
