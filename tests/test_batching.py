@@ -17,46 +17,18 @@ where two logits tie to within rounding.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from _tiny_models import MODELS, VOCAB, WINDOW, random_model
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from companion.generation.batching import generate_batch, left_pad_batch
 from companion.generation.sampling import generate
-from companion.gpt import GPT, GPTConfig
-from companion.llama import Llama, LlamaConfig
-from companion.mistral import Mistral, MistralConfig
-from companion.phi import Phi, PhiConfig
 
-WINDOW = 4  # Mistral's sliding window: shorter than most prompts and generations below
-VOCAB = 256
-MODELS = {
-    "llama": lambda: Llama(LlamaConfig.preset("tiny", num_key_value_heads=2)),
-    "mistral": lambda: Mistral(MistralConfig.preset("tiny", sliding_window=WINDOW)),
-    "phi": lambda: Phi(PhiConfig.preset("tiny")),
-    "gpt": lambda: GPT(GPTConfig.preset("tiny", vocab_size=VOCAB, n_positions=64)),
-}
 FAMILIES = pytest.mark.parametrize("name", MODELS)
 EXAMPLES = settings(max_examples=10, deadline=None, derandomize=True)
 LENGTHS = st.lists(st.integers(1, 3 * WINDOW), min_size=1, max_size=5)  # prompt lengths, 1 to 3 windows
-
-
-@functools.cache
-def random_model(name: str) -> torch.nn.Module:
-    """A tiny model whose greedy tokens are varied: larger weights than at initialisation,
-    norm weights away from 1, small random biases (large ones make every row repeat a token)."""
-    torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ("norm" in pname or ".ln_" in pname) and pname.endswith("weight"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 0.2 if p.dim() > 1 else 0.02)
-    return model
 
 
 def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:

@@ -24,40 +24,15 @@ import math
 
 import pytest
 import torch
+from _tiny_models import MODELS, VOCAB, WINDOW, random_model
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from companion.generation.engine import BlockAllocator, Engine
 from companion.generation.sampling import generate
-from companion.gpt import GPT, GPTConfig
-from companion.llama import Llama, LlamaConfig
-from companion.mistral import Mistral, MistralConfig
-from companion.phi import Phi, PhiConfig
 
-WINDOW = 4
-VOCAB = 256
-MODELS = {
-    "llama": lambda: Llama(LlamaConfig.preset("tiny", num_key_value_heads=2)),
-    "mistral": lambda: Mistral(MistralConfig.preset("tiny", sliding_window=WINDOW)),
-    "phi": lambda: Phi(PhiConfig.preset("tiny")),
-    "gpt": lambda: GPT(GPTConfig.preset("tiny", vocab_size=VOCAB, n_positions=64)),
-}
 FAMILIES = pytest.mark.parametrize("name", MODELS)
 EXAMPLES = settings(max_examples=8, deadline=None, derandomize=True)
-
-
-@functools.cache
-def random_model(name: str) -> torch.nn.Module:
-    """A tiny model with varied greedy tokens (weights larger than at initialisation)."""
-    torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ("norm" in pname or ".ln_" in pname) and pname.endswith("weight"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 0.2 if p.dim() > 1 else 0.02)
-    return model
 
 
 @functools.cache
