@@ -34,13 +34,7 @@ import torch
 from companion.generation.engine import POLICIES, replay, synthetic_trace
 from companion.llama import Llama, LlamaConfig, count_parameters
 
-SIZES = {
-    # about 34M parameters: the model of benchmarks/batching.py
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
-}
+from batching import SIZES  # the models of benchmarks/batching.py, run from this folder
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from companion.generation.sampling import sample_next
 from companion.layers import KVCache, RollingKVCache
 
-__all__ = ["generate_batch", "left_pad_batch"]
+__all__ = ["check_token_id", "generate_batch", "left_pad_batch"]
 
 PAD_TOKEN_ID = 0  # what fills the padding columns; any valid id does, since no query reads them
 
@@ -99,6 +99,19 @@ def left_pad_batch(prompts: Sequence[Sequence[int]], pad_token_id: int = PAD_TOK
     return idx.to(device), left_pad.to(device)
 
 
+def check_token_id(token: object, name: str, vocab_size: int) -> int:
+    """``token`` as an int, or a ``ValueError`` naming ``name`` if it is not an id in ``[0, vocab_size)``.
+
+    >>> check_token_id(300, "prompts[0][2]", 256)
+    Traceback (most recent call last):
+        ...
+    ValueError: prompts[0][2]=300 is not a token id: ids are ints in [0, 256)
+    """
+    if isinstance(token, bool) or not isinstance(token, Integral) or not 0 <= token < vocab_size:
+        raise ValueError(f"{name}={token!r} is not a token id: ids are ints in [0, {vocab_size})")
+    return int(token)
+
+
 def _check_arguments(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      temperature: float, eos_token_id: int | None) -> list[list[int]]:
     """Raise ``ValueError`` naming the first bad argument; return the prompts as lists of ints."""
@@ -107,8 +120,8 @@ def _check_arguments(model: nn.Module, prompts: Sequence[Sequence[int]], max_new
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
     if temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy decoding)")
-    if eos_token_id is not None and not (isinstance(eos_token_id, Integral) and 0 <= eos_token_id < vocab_size):
-        raise ValueError(f"eos_token_id={eos_token_id!r} is not a token id: ids are ints in [0, {vocab_size})")
+    if eos_token_id is not None:
+        check_token_id(eos_token_id, "eos_token_id", vocab_size)
     if isinstance(prompts, Tensor) and prompts.dim() == 2:  # (B, T): prompts of one length
         prompts = prompts.tolist()
     if isinstance(prompts, (str, Tensor)) or len(prompts) == 0:
@@ -118,10 +131,7 @@ def _check_arguments(model: nn.Module, prompts: Sequence[Sequence[int]], max_new
         prompt = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
         if not prompt:
             raise ValueError(f"prompts[{row}] is empty: every prompt needs at least one token")
-        for i, token in enumerate(prompt):
-            if isinstance(token, bool) or not isinstance(token, Integral) or not 0 <= token < vocab_size:
-                raise ValueError(f"prompts[{row}][{i}]={token!r} is not a token id: ids are ints in [0, {vocab_size})")
-        checked.append([int(t) for t in prompt])
+        checked.append([check_token_id(token, f"prompts[{row}][{i}]", vocab_size) for i, token in enumerate(prompt)])
     T, context = max(len(p) for p in checked), model.config.max_position_embeddings
     if T + max_new_tokens > context:
         raise ValueError(f"the longest prompt ({T} tokens) plus max_new_tokens={max_new_tokens} needs {T + max_new_tokens} "

@@ -74,6 +74,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from companion.generation.batching import check_token_id
 from companion.generation.sampling import sample_next
 
 __all__ = ["BlockAllocator", "Engine", "block_slots", "PagedKVCache", "ReplayResult", "StepOutput", "TraceRequest", "replay",
@@ -324,9 +325,7 @@ class Engine:
             prompt_ids = prompt_ids.flatten().tolist()  # (T,) or (1, T)
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or len(prompt_ids) == 0:
             raise ValueError(f"prompt_ids={prompt_ids!r} must be a non-empty list of token ids")
-        for i, token in enumerate(prompt_ids):
-            if isinstance(token, bool) or not isinstance(token, Integral) or not 0 <= token < self.vocab_size:
-                raise ValueError(f"prompt_ids[{i}]={token!r} is not a token id: ids are ints in [0, {self.vocab_size})")
+        prompt_ids = [check_token_id(token, f"prompt_ids[{i}]", self.vocab_size) for i, token in enumerate(prompt_ids)]
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
         total = len(prompt_ids) + max_new_tokens
         if total > self.max_seq_len:
@@ -342,13 +341,13 @@ class Engine:
             raise ValueError(f"top_k={top_k!r} must be None or an int >= 1")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
-        if eos_token_id is not None and not (isinstance(eos_token_id, Integral) and 0 <= eos_token_id < self.vocab_size):
-            raise ValueError(f"eos_token_id={eos_token_id!r} is not a token id: ids are ints in [0, {self.vocab_size})")
+        if eos_token_id is not None:
+            check_token_id(eos_token_id, "eos_token_id", self.vocab_size)
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed) if seed is not None else generator.seed()
-        request = _Request(self._next_id, [int(t) for t in prompt_ids], len(prompt_ids), max_new_tokens,
+        request = _Request(self._next_id, prompt_ids, len(prompt_ids), max_new_tokens,
                            float(temperature), top_k, top_p, eos_token_id, generator, arrival=time.perf_counter())
         self._next_id += 1
         self._requests[request.id] = request
