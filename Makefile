@@ -20,7 +20,7 @@ PYTEST_WORKERS ?= 2
 # core. An output that only one kind of CPU prints fails here, on the author's machine.
 OTHER_KERNELS = ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OPENBLAS_CORETYPE=Sandybridge
 
-.PHONY: book test test-other-kernels install-book install-test install-grading site lab execute sync student assignment grade serve clean
+.PHONY: book test test-other-kernels install-book install-test install-grading site lab execute chapter-times sync student assignment grade serve clean
 
 # ---- the two commands ------------------------------------------------------------------
 
@@ -77,6 +77,9 @@ lab: install-book  ## open the chapters in JupyterLab
 
 execute: install-test  ## re-execute chapters in place: make execute [CHAPTERS="chapters/02_attention.md"]
 	$(BIN)/python tools/execute.py $(CHAPTERS)
+
+chapter-times: install-test  ## how long each chapter takes to run here (writes nothing)
+	$(BIN)/python tools/execute.py --time $(CHAPTERS)
 
 sync: install-book  ## write repository.url from _config.yml into every chapter
 	$(BIN)/python tools/sync_links.py
