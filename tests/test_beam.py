@@ -161,3 +161,77 @@ def test_clear_errors():
         greedy_search(lambda p: torch.zeros(2, 3), [0], 5)
     with pytest.raises(ValueError, match="token 9"):
         sequence_log_prob(model, [0], [9])
+
+
+# ---- length normalisation ------------------------------------------------------------------
+
+
+def brute_force_normalised(step_fn, start, max_len, eos_id, vocab, alpha):
+    """The sequence with the best total / length ** alpha over every sequence up to max_len."""
+    best = (-math.inf, None)
+    for n in range(1, max_len + 1):
+        for seq in itertools.product(range(vocab), repeat=n):
+            if eos_id in seq[:-1] or (n < max_len and seq[-1] != eos_id):
+                continue
+            score = sequence_log_prob(step_fn, start, seq) / n ** alpha
+            if score > best[0]:
+                best = (score, list(seq))
+    return best[1], best[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), vocab=st.integers(2, 4), max_len=st.integers(1, 4),
+       alpha=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+def test_exhaustive_beam_with_length_penalty_finds_the_best_normalised_sequence(seed, vocab, max_len, alpha):
+    # The early stop must not cut off a live prefix that could still win once normalised.
+    model = random_model(seed, vocab)
+    tokens, lp = beam_search(model, [1], vocab ** max_len, max_len, eos_id=0, length_penalty=alpha)
+    best_tokens, best_score = brute_force_normalised(model, (1,), max_len, 0, vocab, alpha)
+    assert lp / len(tokens) ** alpha == pytest.approx(best_score, abs=1e-12)
+    assert lp == pytest.approx(sequence_log_prob(model, [1], tokens), abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=models, width=st.integers(1, 4), max_len=st.integers(1, 6), eos=st.booleans())
+def test_zero_length_penalty_is_the_plain_search(model, width, max_len, eos):
+    eos_id = 0 if eos else None
+    plain = beam_search(model, [1], width, max_len, eos_id)
+    assert beam_search(model, [1], width, max_len, eos_id, length_penalty=0.0) == plain
+    assert beam_search(model, [1], width, max_len, eos_id, length_penalty=0) == plain
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=models, width=st.integers(1, 4), max_len=st.integers(1, 6), alpha=st.floats(0.1, 3.0))
+def test_length_penalty_results_are_well_formed(model, width, max_len, alpha):
+    tokens, lp = beam_search(model, [1], width, max_len, 0, length_penalty=alpha)
+    assert 1 <= len(tokens) <= max_len and 0 not in tokens[:-1]
+    assert len(tokens) == max_len or tokens[-1] == 0
+    assert lp == pytest.approx(sequence_log_prob(model, [1], tokens), abs=1e-9)  # the raw total
+
+
+def test_length_penalty_undoes_the_short_output_bias():
+    # The chapter's model: it should answer with three letters. The empty answer (EOS at
+    # once) has probability 0.4; the best three-letter answer, A A A EOS, has
+    # 0.35 * 0.5 * 0.6 * 0.9 = 0.0945, although the eight of them together have 0.4374.
+    EOS, A, B, BOS = range(4)
+    rows = {0: [0.40, 0.35, 0.25, 0.0], 1: [0.10, 0.50, 0.40, 0.0], 2: [0.10, 0.60, 0.30, 0.0]}
+
+    def model(prefix):
+        probs = rows.get(len(prefix) - 1, [0.90, 0.05, 0.05, 0.0])
+        return torch.tensor(probs, dtype=torch.float64).log()
+
+    # The plain total prefers the empty answer, even with a beam that holds every prefix:
+    # the bias is in the score, not in the search.
+    for width in (2, 4 ** 6):
+        assert beam_search(model, [BOS], width, 6, EOS) == ([EOS], pytest.approx(math.log(0.4)))
+        assert beam_search(model, [BOS], width, 6, EOS, length_penalty=0.5)[0] == [EOS]
+    # Divided by the length, -0.92 for the empty answer against log(0.0945) / 4 = -0.59.
+    tokens, lp = beam_search(model, [BOS], 2, 6, EOS, length_penalty=1.0)
+    assert tokens == [A, A, A, EOS] and lp == pytest.approx(math.log(0.0945))
+
+
+def test_length_penalty_errors():
+    model = bigram_model(torch.zeros(3, 3))
+    for bad in (-0.5, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="length_penalty"):
+            beam_search(model, [0], 2, 3, 0, length_penalty=bad)

@@ -431,7 +431,7 @@ class Seq2Seq(nn.Module):
       weight is always 1), as in Cho et al. (2014), where the decoder sees that summary at
       every step. Every digit must squeeze through ``hidden_size`` numbers.
     * ``attention=True``: the memory is all ``S`` encoder states, and the weights are
-      attention (Bahdanau et al., 2015, with the dot-product score of Luong et al., 2015).
+      attention (Bahdanau et al., 2015, with the "general" score sᵀWm of Luong et al., 2015).
 
     ``forward(source, decoder_input)`` takes ``(B, S)`` and ``(B, T)`` token ids and returns
     logits ``(B, T, VOCAB_SIZE)``; training feeds the true previous token (teacher forcing).

@@ -19,6 +19,11 @@ Beam search with ``beam_width=1`` is greedy search, and with a beam wide enough 
 every prefix it is exhaustive. In between it is a heuristic: it usually finds a sequence
 at least as probable as greedy's, but not always, because the prefix greedy follows can
 fall out of the beam and every prefix kept can end badly (a test shows such a case).
+
+A total log-probability can only fall as a sequence grows, so ranking whole sequences by
+it favours short ones. ``beam_search(..., length_penalty=alpha)`` ranks them by
+``total / length ** alpha`` instead (``length`` counts the new tokens, EOS included), as
+Hugging Face's ``length_penalty`` does; ``alpha=0`` is the plain total.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ def beam_search(
     beam_width: int,
     max_len: int,
     eos_id: int | None = None,
+    length_penalty: float = 0.0,
 ) -> tuple[list[int], float]:
     """Keep the ``beam_width`` most probable prefixes at every step; return the best sequence.
 
@@ -98,14 +104,22 @@ def beam_search(
     probable extensions survive. An extension that ends in ``eos_id`` is finished and
     leaves the beam (so the beam may shrink); the others stay live. The search stops when
     nothing is live, when ``max_len`` new tokens have been added, or when the best finished
-    sequence is at least as probable as every live prefix (a prefix can only lose
-    probability as it grows, so nothing live could still win). Scores are total
-    log-probabilities with no correction for length, so they favour shorter sequences:
-    every extra token can only lower the total.
+    sequence scores at least as well as every live prefix still could (a prefix can only
+    lose probability as it grows, so nothing live could still win).
     Ties go to the earlier prefix, then to its likelier token, then to the lower token id,
     so that ``beam_width=1`` picks exactly what :func:`greedy_search` picks.
 
-    Returns ``(tokens, log_prob)`` of the most probable finished or length-limited sequence.
+    The prefixes in the beam are always ranked by total log-probability. Whole sequences
+    (finished, or cut at ``max_len``) are ranked by ``total / length ** length_penalty``,
+    ``length`` being the number of new tokens, EOS included. With the default
+    ``length_penalty=0`` that is the total itself, which favours short sequences: every
+    extra token can only lower it. A positive ``length_penalty`` divides a negative total
+    by a larger number for a longer sequence, which offsets that bias. A live prefix with
+    total ``s`` can then still reach at most ``s / max_len ** length_penalty``, and the
+    search stops early only when the best finished sequence scores at least that.
+
+    Returns ``(tokens, log_prob)`` of the best finished or length-limited sequence;
+    ``log_prob`` is its total log-probability, whatever ranked it.
 
     The table of :func:`greedy_search`'s example: greedy takes A (0.5) and ends with
     probability 0.5 * 0.4 = 0.2; a beam of two also keeps B (0.4), which ends with
@@ -119,7 +133,14 @@ def beam_search(
     """
     if not isinstance(beam_width, int) or isinstance(beam_width, bool) or beam_width < 1:
         raise ValueError(f"beam_width={beam_width!r} must be an int >= 1")
+    if (not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool)
+            or not 0 <= length_penalty < float("inf")):
+        raise ValueError(f"length_penalty={length_penalty!r} must be a finite number >= 0")
     start = _check_args(start, max_len, eos_id)
+
+    def final_score(score: float, prefix: tuple[int, ...]) -> float:
+        return score / (len(prefix) - len(start)) ** length_penalty
+
     live: list[tuple[float, tuple[int, ...]]] = [(0.0, start)]  # (log-prob, prefix), best first
     finished: list[tuple[float, tuple[int, ...]]] = []
     for _ in range(max_len):
@@ -133,11 +154,12 @@ def beam_search(
         live = []
         for score, _, _, token, prefix in candidates[:beam_width]:
             (finished if token == eos_id else live).append((score, prefix))
-        if not live or (finished and max(s for s, _ in finished) >= live[0][0]):
+        if not live or (finished and max(final_score(*f) for f in finished)
+                        >= live[0][0] / max_len ** length_penalty):
             break
     # Live prefixes cut at max_len count as sequences too; max() keeps the first of equal
     # scores, so finished sequences win ties.
-    best_score, best = max(finished + live, key=lambda c: c[0])
+    best_score, best = max(finished + live, key=lambda c: final_score(*c))
     return list(best[len(start):]), best_score
 
 
