@@ -60,122 +60,183 @@ def test_my_gru_step_own_code(my_gru_step):
     expect_same(got, torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh), "random step, without PyTorch's or the companion's GRU")
 
 
-@hidden("my_layer_norm")
-def test_my_layer_norm_float64_4d(my_layer_norm):
+@hidden("bidirectional_gru")
+def test_bidirectional_gru_other_sizes(bidirectional_gru):
     import torch
-    import torch.nn.functional as F
+    from companion import rnn
     from companion.grading import expect_same
-    g = torch.Generator().manual_seed(21)
-    x = 3 * torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) + 7
-    expect_same(my_layer_norm(x), F.layer_norm(x, x.shape[-1:]), "float64 input of shape (2, 3, 4, 5) (the output stays float64)")
-    v = torch.randn(6, generator=g)
-    expect_same(my_layer_norm(v), F.layer_norm(v, v.shape[-1:]), "a 1-D input of shape (6,)")
+    g = torch.Generator().manual_seed(41)
+    for B, T, I, H in [(1, 1, 2, 5), (4, 9, 6, 3), (2, 30, 1, 2)]:
+        torch.manual_seed(B * 100 + T)
+        fwd, bwd = rnn.GRUCell(I, H).double(), rnn.GRUCell(I, H).double()
+        x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+        torch_gru = torch.nn.GRU(I, H, batch_first=True, bidirectional=True).double()
+        with torch.no_grad():
+            for suffix, cell in [("_l0", fwd), ("_l0_reverse", bwd)]:
+                for name, p in cell.named_parameters():
+                    getattr(torch_gru, name + suffix).copy_(p)
+            states, h = torch_gru(x)
+        got = bidirectional_gru(x, fwd, bwd)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise AssertionError("return a pair (states, final)")
+        expect_same(got[0], states, f"states, batch {B}, {T} positions, input size {I}, hidden size {H}, float64")
+        expect_same(got[1], torch.cat([h[0], h[1]], dim=-1),
+                    f"final state, batch {B}, {T} positions: forward's last state, then backward's last state")
 
 
-@hidden("my_layer_norm")
-def test_my_layer_norm_eps(my_layer_norm):
+@hidden("bidirectional_gru")
+def test_bidirectional_gru_backward_half_lines_up(bidirectional_gru):
     import torch
-    import torch.nn.functional as F
+    from companion import rnn
     from companion.grading import expect_same
-    g = torch.Generator().manual_seed(22)
-    small = 1e-3 * torch.randn(4, 8, generator=g, dtype=torch.float64)  # variance ~1e-6, below eps
-    expect_same(my_layer_norm(small), F.layer_norm(small, (8,)),
-                "rows with variance ~1e-6, default eps=1e-5 (eps goes inside the square root)")
-    expect_same(my_layer_norm(small, eps=0.1), F.layer_norm(small, (8,), eps=0.1), "the same rows with eps=0.1")
-    x = torch.randn(3, 5, generator=g)
-    expect_same(my_layer_norm(x, 0.5), F.layer_norm(x, (5,), eps=0.5), "random rows, eps=0.5 passed by position")
+    # The backward cell's state at position t has read positions T-1 down to t only: changing
+    # position 0 must leave the backward half at every other position unchanged.
+    torch.manual_seed(42)
+    fwd, bwd = rnn.GRUCell(3, 4).double(), rnn.GRUCell(3, 4).double()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, 0] += 5.0
+    a, _ = bidirectional_gru(x, fwd, bwd)
+    b, _ = bidirectional_gru(changed, fwd, bwd)
+    expect_same(b[:, 1:, 4:], a[:, 1:, 4:], "the backward half at positions 1-5 when only position 0 changes")
+    expect_same(b[:, :, :4].shape, a[:, :, :4].shape, "states of shape (B, T, 2H)")
+    if torch.allclose(b[:, 0, 4:], a[:, 0, 4:]):
+        raise AssertionError("the backward half at position 0 must change when position 0 does")
 
 
-@hidden("my_layer_norm")
-def test_my_layer_norm_constant_rows(my_layer_norm):
+@hidden("bidirectional_gru")
+def test_bidirectional_gru_torch_cells_float32(bidirectional_gru):
     import torch
-    import torch.nn.functional as F
     from companion.grading import expect_same
-    x = torch.tensor([[2.0, 2.0, 2.0, 2.0], [-1.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
-    expect_same(my_layer_norm(x), F.layer_norm(x, (4,)), "constant rows normalize to zeros, not NaN")
-    one = torch.tensor([[5.0], [-3.0]])
-    expect_same(my_layer_norm(one), F.layer_norm(one, (1,)), "a last dimension of size 1 (all zeros)")
+    # Any cell with PyTorch's step interface works: here torch.nn.GRUCell, in float32.
+    torch.manual_seed(43)
+    fwd, bwd = torch.nn.GRUCell(5, 3), torch.nn.GRUCell(5, 3)
+    x = torch.randn(3, 4, 5)
+    torch_gru = torch.nn.GRU(5, 3, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for suffix, cell in [("_l0", fwd), ("_l0_reverse", bwd)]:
+            for name, p in cell.named_parameters():
+                getattr(torch_gru, name + suffix).copy_(p)
+        states, h = torch_gru(x)
+    got_states, got_final = bidirectional_gru(x, fwd, bwd)
+    expect_same(got_states, states, "cells given as torch.nn.GRUCell, float32 (the output stays float32)")
+    expect_same(got_final, torch.cat([h[0], h[1]], dim=-1), "final state with torch.nn.GRUCell cells, float32")
 
 
-@hidden("my_layer_norm")
-def test_my_layer_norm_own_code(my_layer_norm):
+@hidden("bidirectional_gru")
+def test_bidirectional_gru_own_code(bidirectional_gru):
     import torch
-    import torch.nn.functional as F
+    from companion import rnn
     from companion.grading import expect_same, forbidding
-    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(23))
-    with forbidding(my_layer_norm, "torch.nn.functional.layer_norm", "torch.layer_norm", "torch.native_layer_norm",
-                    "torch.nn.LayerNorm.forward"):
-        got = my_layer_norm(x)
-    expect_same(got, F.layer_norm(x, (7,)), "random rows, without PyTorch's layer norm")
+    torch.manual_seed(44)
+    fwd, bwd = rnn.GRUCell(2, 3).double(), rnn.GRUCell(2, 3).double()
+    x = torch.randn(2, 5, 2, dtype=torch.float64)
+    torch_gru = torch.nn.GRU(2, 3, batch_first=True, bidirectional=True).double()
+    with torch.no_grad():
+        for suffix, cell in [("_l0", fwd), ("_l0_reverse", bwd)]:
+            for name, p in cell.named_parameters():
+                getattr(torch_gru, name + suffix).copy_(p)
+        states, _ = torch_gru(x)
+    with forbidding(bidirectional_gru, "torch.nn.GRU.forward", "torch._VF.gru", "companion.rnn.RecurrentLayer.forward"):
+        got, _ = bidirectional_gru(x, fwd, bwd)
+    expect_same(got, states, "random input, without torch.nn.GRU")
 
 
-@hidden("my_sequence_log_prob")
-def test_my_sequence_log_prob_empty_and_one(my_sequence_log_prob):
+@hidden("additive_attention")
+def test_additive_attention_other_sizes(additive_attention):
+    import torch
+    from companion.grading import expect_same
+    g = torch.Generator().manual_seed(51)
+    for B, S, H, M, A, dtype in [(1, 7, 2, 3, 5, torch.float64), (5, 2, 6, 1, 4, torch.float64), (3, 9, 3, 4, 2, torch.float32)]:
+        s = torch.randn(B, H, generator=g, dtype=dtype)
+        memory = torch.randn(B, S, M, generator=g, dtype=dtype)
+        W_s = torch.randn(A, H, generator=g, dtype=dtype)
+        W_m = torch.randn(A, M, generator=g, dtype=dtype)
+        v = torch.randn(A, generator=g, dtype=dtype)
+        scores = torch.tanh((s @ W_s.T)[:, None, :] + memory @ W_m.T) @ v  # (B, S)
+        weights = scores.double().softmax(dim=-1).to(dtype)
+        context = torch.einsum("bs,bsm->bm", weights.double(), memory.double()).to(dtype)
+        got = additive_attention(s, memory, W_s, W_m, v)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise AssertionError("return a pair (context, weights)")
+        case = f"batch {B}, {S} memory vectors, H={H}, M={M}, A={A}, {dtype}"
+        expect_same(got[1], weights, f"weights, {case}")
+        expect_same(got[0], context, f"context, {case}")
+
+
+@hidden("additive_attention")
+def test_additive_attention_huge_scores(additive_attention):
+    import torch
+    from companion.grading import expect_same
+    # v of size 1e4: scores in the thousands (about 2020, 7616 and -7616); exp() of them overflows.
+    s = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]], dtype=torch.float64)
+    W = torch.eye(2, dtype=torch.float64)
+    v = torch.tensor([1e4, 1e4], dtype=torch.float64)
+    context, weights = additive_attention(s, memory, W, W, v)
+    expect_same(weights, torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64), "scores in the thousands: the weights, no nan")
+    expect_same(context, torch.tensor([[0.0, 1.0]], dtype=torch.float64), "scores in the thousands: the context, no nan")
+
+
+@hidden("additive_attention")
+def test_additive_attention_rows_are_independent(additive_attention):
+    import torch
+    from companion.grading import expect_same
+    # Each example's weights sum to 1 over its own memory; changing example 1 leaves example 0 alone.
+    g = torch.Generator().manual_seed(53)
+    s = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    memory = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    W_s = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    W_m = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(6, generator=g, dtype=torch.float64)
+    context, weights = additive_attention(s, memory, W_s, W_m, v)
+    expect_same(weights.sum(dim=-1), torch.ones(2, dtype=torch.float64), "every example's weights sum to 1 over its S positions")
+    changed = memory.clone()
+    changed[1] *= 3
+    context2, weights2 = additive_attention(s, changed, W_s, W_m, v)
+    expect_same(weights2[0], weights[0], "example 0's weights when only example 1's memory changes")
+    expect_same(context2[0], context[0], "example 0's context when only example 1's memory changes")
+
+
+@hidden("gnmt_score")
+def test_gnmt_score_sums_over_output_steps(gnmt_score):
     import math
     import torch
     from companion.grading import expect_same
-    table = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]], dtype=torch.float64).log()
-
-    def step_fn(prefix):
-        return table[prefix[-1]]
-
-    expect_same(my_sequence_log_prob(step_fn, [2], []), 0.0, "no tokens at all: an empty sum, 0.0")
-    expect_same(my_sequence_log_prob(step_fn, [2], [1]), math.log(0.2), "one token")
-    expect_same(my_sequence_log_prob(step_fn, [0], [1, 1, 2]), math.log(0.25 * 0.6 * 0.3), "three tokens from start [0]")
-
-
-@hidden("my_sequence_log_prob")
-def test_my_sequence_log_prob_whole_prefix(my_sequence_log_prob):
-    import torch
-    from companion.generation import beam
-    from companion.grading import expect_same
-    g = torch.Generator().manual_seed(31)
-    V = 5
-    # The next-token distribution depends on the first token, the length and the last token
-    # of the prefix, so a function that drops start, or never extends the prefix, is off.
-    log_table = torch.randn(V, 12, V, V, generator=g, dtype=torch.float64).log_softmax(dim=-1)
-
-    def step_fn(prefix):
-        return log_table[prefix[0], len(prefix) % 12, prefix[-1]]
-
-    tokens = torch.randint(0, V, (9,), generator=g).tolist()
-    for start in ([3], [4, 0, 2]):
-        expect_same(my_sequence_log_prob(step_fn, start, tokens), beam.sequence_log_prob(step_fn, start, tokens),
-                    f"a model that reads the whole prefix, start={start}, 9 tokens")
+    # Rows (output steps) sum to 1; columns (source positions) do not: they receive 0.4, 0.9 and 0.7.
+    weights = torch.tensor([[0.3, 0.7, 0.0], [0.1, 0.2, 0.7]], dtype=torch.float64)
+    expected = -2.0 / (7 / 6) ** 1.0 + 0.5 * (math.log(0.4) + math.log(0.9) + math.log(0.7))
+    got = gnmt_score(-2.0, weights, 1.0, 0.5)
+    if not isinstance(got, float):
+        raise AssertionError(f"return a Python float, got {type(got).__name__}")
+    expect_same(got, expected, "2 output steps, 3 source positions: coverage sums each source position over the output steps")
 
 
-@hidden("my_sequence_log_prob")
-def test_my_sequence_log_prob_own_code(my_sequence_log_prob):
-    import torch
-    from companion.generation import beam
-    from companion.grading import expect_same, forbidding
-    g = torch.Generator().manual_seed(32)
-    log_table = torch.randn(4, 4, generator=g).log_softmax(dim=-1)  # float32 model
-
-    def step_fn(prefix):
-        return log_table[prefix[-1]]
-
-    tokens = torch.randint(0, 4, (40,), generator=g).tolist()
-    if my_sequence_log_prob is beam.sequence_log_prob:
-        raise AssertionError("my_sequence_log_prob is beam.sequence_log_prob itself: this exercise asks for your own code")
-    with forbidding(my_sequence_log_prob, "companion.generation.beam.sequence_log_prob"):
-        got = my_sequence_log_prob(step_fn, [1], tokens)
-    expect_same(got, beam.sequence_log_prob(step_fn, [1], tokens),
-                "40 tokens from a float32 model, without beam.sequence_log_prob")
-
-
-@hidden("one_hot_distances")
-def test_one_hot_distances_one_token(one_hot_distances):
-    from companion.grading import expect_same
-    expect_same(one_hot_distances(1), set(), "V=1: one token, no pair of distinct tokens, so the empty set")
-
-
-@hidden("one_hot_distances")
-def test_one_hot_distances_other_sizes(one_hot_distances):
+@hidden("gnmt_score")
+def test_gnmt_score_beta_zero_and_unread(gnmt_score):
     import math
+    import torch
     from companion.grading import expect_same
-    for V in (3, 4, 31, 200):
-        got = one_hot_distances(V)
-        if not isinstance(got, (set, frozenset)):
-            raise AssertionError(f"V={V}: expected a set, got {type(got).__name__}")
-        expect_same(got, {round(math.sqrt(2), 6)}, f"V={V}")
+    unread = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    got = gnmt_score(-3.0, unread, 0.5, 0.0)
+    expect_same(got, -3.0 / (7 / 6) ** 0.5, "beta=0 with a source position never read: no penalty (not nan)")
+    got = gnmt_score(-3.0, unread, 0.5, 1.0)
+    if not (isinstance(got, float) and got == -math.inf):
+        raise AssertionError(f"beta=1 with a source position never read: expected -inf, got {got!r}")
+
+
+@hidden("gnmt_score")
+def test_gnmt_score_length_penalty_and_cap(gnmt_score):
+    import math
+    import torch
+    from companion.grading import expect_same
+    one_step = torch.tensor([[0.25, 0.75]], dtype=torch.float32)
+    expect_same(gnmt_score(-1.25, one_step, 3.0, 0.0), -1.25, "one output step: lp = ((5 + 1) / 6) ** alpha = 1")
+    heavy = torch.full((6, 2), 0.5, dtype=torch.float32)  # each source position receives 3.0
+    expect_same(gnmt_score(-6.0, heavy, 0.8, 2.0), -6.0 / (11 / 6) ** 0.8,
+                "6 output steps, every source position over-read: capped at 1, a penalty of 0, never a bonus")
+    g = torch.Generator().manual_seed(61)
+    w = torch.randn(5, 8, generator=g, dtype=torch.float64).softmax(dim=-1)
+    received = [min(float(c), 1.0) for c in w.sum(dim=0)]
+    expect_same(gnmt_score(-7.5, w, 0.6, 0.3), -7.5 / (10 / 6) ** 0.6 + 0.3 * sum(math.log(r) for r in received),
+                "5 output steps, 8 source positions, alpha=0.6, beta=0.3")
