@@ -283,22 +283,24 @@ def test_grading_chapter_2_end_to_end(tmp_path):
     for i, cell in enumerate(nb["cells"]):
         if "solution" in cell["metadata"].get("tags", []):
             solutions[re.search(r"^def (\w+)", _src(cell), re.M).group(1)] = _src(cell)
-    assert sorted(solutions) == ["causal_weights", "positions", "stable_softmax", "to_heads"]
+    assert sorted(solutions) == ["advance", "alibi_bias", "padded_weights", "stable_softmax"]
     first_code = next(i for i, c in enumerate(student["cells"]) if c["cell_type"] == "code") + 1
     submitted = tmp_path / "submitted"
     submitted.mkdir()
-    wrong_heads = ("def to_heads(x, num_heads):\n    B, T, C = x.shape\n"
-                   "    return x.view(B, num_heads, T, C // num_heads)  # no transpose: wrong\n")
-    endless = ("def positions(T, d_model):\n    while True:\n        try:\n            pass\n"
+    wrong_alibi = ("def alibi_bias(T, num_heads):\n"
+                   "    slopes = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)\n"
+                   "    distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]\n"
+                   "    return -slopes[:, None, None] * distance  # no -inf above the diagonal: wrong\n")
+    endless = ("def advance(pe, k):\n    while True:\n        try:\n            pass\n"
                "        except Exception:  # swallows what it can\n            pass\n")
-    raising = "def causal_weights(scores):\n    raise RuntimeError('my bug')\n"
+    raising = "def padded_weights(scores, lengths):\n    raise RuntimeError('my bug')\n"
     submissions = {
         "full": _fill(student, solutions),
         "untouched": student,
-        "wrong": _fill(student, {**solutions, "to_heads": wrong_heads}),
-        "endless": _fill(student, {**solutions, "positions": endless},
+        "wrong": _fill(student, {**solutions, "alibi_bias": wrong_alibi}),
+        "endless": _fill(student, {**solutions, "advance": endless},
                          [(first_code, "while True:\n    pass")]),
-        "crash": _fill(student, {**solutions, "causal_weights": raising},
+        "crash": _fill(student, {**solutions, "padded_weights": raising},
                        [(first_code, "raise ValueError('a cell that fails')")]),
     }
     for name, sub in submissions.items():
@@ -313,7 +315,7 @@ def test_grading_chapter_2_end_to_end(tmp_path):
     print((tmp_path / "grades" / "scores.csv").read_text(encoding="utf-8"))
     print((tmp_path / "grades" / "feedback.csv").read_text(encoding="utf-8"))
     print(f"graded 5 submissions in {elapsed:.0f} s")
-    questions = ["ex1_stable_softmax", "ex2_causal_weights", "ex3_to_heads", "ex4_positions"]
+    questions = ["ex1_stable_softmax", "ex2_padded_weights", "ex3_alibi_bias", "ex4_advance"]
     assert list(rows) == ["crash", "endless", "full", "untouched", "wrong"]
     assert [rows["full"][q] for q in questions] == ["2", "2", "2", "2"] and rows["full"]["total"] == "8"
     assert [rows["untouched"][q] for q in questions] == ["0", "0", "0", "0"]
@@ -321,9 +323,9 @@ def test_grading_chapter_2_end_to_end(tmp_path):
     assert [rows["endless"][q] for q in questions] == ["2", "2", "2", "0"]
     assert [rows["crash"][q] for q in questions] == ["2", "0", "2", "2"]
     assert all(row["possible"] == "8" for row in rows.values())
-    assert "time limit of 10 s" in feedback[("endless", "ex4_positions")]
-    assert "RuntimeError: my bug" in feedback[("crash", "ex2_causal_weights")]
-    assert "values differ: at index (0, 0, 2, 0) expected 16, got 8" in feedback[("wrong", "ex3_to_heads")]
+    assert "time limit of 10 s" in feedback[("endless", "ex4_advance")]
+    assert "RuntimeError: my bug" in feedback[("crash", "ex2_padded_weights")]
+    assert "values differ: at index (0, 0, 1) expected -inf, got 0.0625" in feedback[("wrong", "ex3_alibi_bias")]
     assert "not implemented yet" in feedback[("untouched", "ex1_stable_softmax")]
     assert not [k for k in feedback if k[0] == "full"]
     for name in submissions:
