@@ -3,95 +3,79 @@
 from companion.grading import hidden
 
 
-@hidden("expand")
-def test_expand_nested_merges(expand):
+@hidden("recover_merges")
+def test_recover_merges_ambiguous_splits(recover_merges):
     from companion.grading import expect_same
-    # 256 = "hi", 257 = "hi!", 258 = "a" + "hi", 259 = "ahi" + "hi!"
-    merges = [(104, 105), (256, 33), (97, 256), (258, 257)]
-    expect_same(expand([259, 32, 257, 104, 258], merges), list(b"ahihi! hi!hahi"),
-                "ids [259, 32, 257, 104, 258]: merges of merges, on both halves, mixed with bytes")
-    expect_same(expand([258], merges), list(b"ahi"),
-                "id 258 = (97, 256): the first half comes first")
+    merges = [(97, 97), (256, 256), (257, 97), (256, 97)]  # aa, aaaa, aaaaa, aaa
+    tokens = [b"aa", b"aaaa", b"aaaaa", b"aaa"]
+    expect_same(recover_merges(tokens), merges,
+                "tokens aa, aaaa, aaaaa, aaa: aaaa is aa + aa (not a + aaa), aaaaa is aaaa + a")
+    expect_same(recover_merges([b"ab", b"abab", b" abab", b"abababab", b" ababa"]),
+                [(97, 98), (256, 256), (32, 257), (257, 257), (258, 97)],
+                "tokens ab, abab, ' abab', abababab, ' ababa': ' ababa' is ' abab' + a")
 
 
-@hidden("expand")
-def test_expand_empty_and_plain_bytes(expand):
+@hidden("recover_merges")
+def test_recover_merges_empty_and_bytes_of_characters(recover_merges):
     from companion.grading import expect_same
-    merges = [(0, 255), (256, 256)]
-    expect_same(expand([], merges), [], "no ids: no bytes")
-    expect_same(expand([0, 255, 65], merges), [0, 255, 65], "ids all below 256: the bytes themselves")
-    expect_same(expand([257], merges), [0, 255, 0, 255], "one id, 257 = (256, 256) with 256 = (0, 255)")
-    expect_same(expand([7], []), [7], "one byte and no merges")
+    expect_same(recover_merges([]), [], "no tokens beyond the 256 bytes: no merges")
+    tokens = ["é".encode("utf-8"), "日".encode("utf-8")[:2], "日".encode("utf-8"), " 日".encode("utf-8")]
+    expect_same(recover_merges(tokens), [(195, 169), (230, 151), (257, 165), (32, 258)],
+                "tokens é, the first two bytes of 日, 日, ' 日': merges inside UTF-8 characters")
 
 
-@hidden("expand")
-def test_expand_deep_chain(expand):
+@hidden("recover_merges")
+def test_recover_merges_trained_vocabularies(recover_merges, tok):
     from companion.grading import expect_same
-    # 256 = "ab", and each next token appends one letter to the previous one: 200 levels deep
-    merges = [(97, 98)] + [(256 + k - 1, 97 + k % 26) for k in range(1, 200)]
-    table = {i: bytes([i]) for i in range(256)}
-    for k, (a, b) in enumerate(merges):
-        table[256 + k] = table[a] + table[b]
-    ids = [455, 300, 10, 256]
-    expect_same(expand(ids, merges), list(b"".join(table[i] for i in ids)),
-                "a chain of 200 merges, each built on the one before")
+    from companion.tokenizers import BPETokenizer, train_bpe
+    text = "Здравствуй, мир! naïve café 1234 1234 " * 3 + "the cat sat on the mat, the hat " * 4
+    for merges, case in [(train_bpe(text, 60), "60 merges trained on Cyrillic, accented and English text"),
+                         (tok.merges, "all 3,839 merges of the chapter's tokenizer")]:
+        table = BPETokenizer(merges, special_tokens=[])
+        tokens = [table.token_bytes(256 + k) for k in range(len(merges))]
+        expect_same(recover_merges(tokens), list(merges), case)
 
 
-@hidden("expand")
-def test_expand_own_code(expand, tok):
-    from companion.grading import expect_same, forbidding
-    text = "naïve café, 日本語! ROMEO: wherefore art thou 1234?"
+@hidden("stream_decode")
+def test_stream_decode_bytes_one_at_a_time(stream_decode):
+    from companion.grading import expect_same
+    vocab = {i: bytes([i]) for i in range(256)}
+    ids = list("🐍!".encode("utf-8"))
+    expect_same(stream_decode(ids, vocab), ["", "", "", "🐍", "!"],
+                "the four bytes of 🐍 one id at a time, then '!': the emoji comes with its last byte")
+    expect_same(stream_decode([240, 159], vocab), ["", "\ufffd"],
+                "two of the four bytes of an emoji, then the end: one replacement character at the end")
+    expect_same(stream_decode([104, 195], vocab), ["h", "\ufffd"],
+                "'h' then the first byte of é, then the end")
+
+
+@hidden("stream_decode")
+def test_stream_decode_empty_and_straddling(stream_decode):
+    from companion.grading import expect_same
+    vocab = {i: bytes([i]) for i in range(256)}
+    expect_same(stream_decode([], vocab), [], "no ids: no strings")
+    vocab[256] = b"\xa9\xe6\x97"  # the end of é and the start of 日
+    vocab[257] = b"\xa5 ok"  # the end of 日 and more
+    expect_same(stream_decode([195, 256, 257], vocab), ["", "é", "日 ok"],
+                "tokens that end one character and start the next")
+    expect_same(stream_decode([195, 256], vocab), ["", "é\ufffd"],
+                "é completed by a token that starts 日, then the end: é and one replacement character")
+
+
+@hidden("stream_decode")
+def test_stream_decode_real_tokenizer(stream_decode, tok):
+    import codecs
+
+    from companion.grading import expect_same
+    vocab = {i: tok.token_bytes(i) for i in range(tok.vocab_size)}
+    text = "ROMEO: naïve café, 日本語のテキスト 🐍🔥 x² ≠ ∞\n"
     ids = tok.encode(text)
-    with forbidding(expand, "companion.tokenizers.BPETokenizer.decode_bytes",
-                    "companion.tokenizers.BPETokenizer.decode", "companion.tokenizers.BPETokenizer.token_bytes"):
-        got = expand(ids, tok.merges)
-    expect_same(got, list(text.encode("utf-8")),
-                "the chapter's tokenizer on non-ASCII text, without BPETokenizer's decode")
-
-
-@hidden("pair_counts")
-def test_pair_counts_overlaps_and_shared_pairs(pair_counts):
-    from companion.grading import expect_same
-    # "aaaa" has (a, a) three times; "aab" adds one more (a, a); every pair counts its word's frequency
-    expect_same(pair_counts({"aaaa": 2, "ba": 3, "aab": 1}), {(97, 97): 7, (98, 97): 3, (97, 98): 1},
-                "{'aaaa': 2, 'ba': 3, 'aab': 1}: overlapping pairs, one pair shared by two words")
-
-
-@hidden("pair_counts")
-def test_pair_counts_utf8_bytes(pair_counts):
-    from companion.grading import expect_same
-    words = {"日本": 2, " naïve": 3, "é": 4}
-    expected = {}
-    for word, n in words.items():
-        b = word.encode("utf-8")
-        for i in range(len(b) - 1):
-            expected[(b[i], b[i + 1])] = expected.get((b[i], b[i + 1]), 0) + n
-    expect_same(pair_counts(words), expected,
-                "{'日本': 2, ' naïve': 3, 'é': 4}: pairs of UTF-8 bytes, not of characters")
-
-
-@hidden("pair_counts")
-def test_pair_counts_no_pairs(pair_counts):
-    from companion.grading import expect_same
-    expect_same(pair_counts({}), {}, "no pre-tokens")
-    expect_same(pair_counts({"a": 5, "!": 2, " ": 9}), {}, "only one-byte pre-tokens: no pairs")
-
-
-@hidden("pair_counts")
-def test_pair_counts_corpus_written_out(pair_counts, train_text):
-    from collections import Counter
-
-    import regex
-    from companion.grading import expect_same
-    from companion.tokenizers import GPT2_SPLIT_PATTERN
-    pieces = regex.findall(GPT2_SPLIT_PATTERN, train_text[40_000:46_000])
-    expected = {}
-    for piece in pieces:  # every occurrence, repeats written out
-        b = piece.encode("utf-8")
-        for pair in zip(b, b[1:]):
-            expected[pair] = expected.get(pair, 0) + 1
-    expect_same(pair_counts(Counter(pieces)), expected,
-                "the pre-tokens of train_text[40000:46000]: equal to counting every occurrence")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    expected = [decoder.decode(vocab[i]) for i in ids]
+    got = stream_decode(ids, vocab)
+    expect_same(got, expected, f"the chapter's tokenizer on {text!r} ({len(ids)} ids)")
+    if "".join(got) != text:
+        raise AssertionError("the strings joined do not give the text back")
 
 
 @hidden("split_digits")
