@@ -422,16 +422,17 @@ class Seq2Seq(nn.Module):
     from that final state.
 
     At every output step the decoder reads a *memory* and predicts from its own state
-    ``s_t`` and what it read. It scores each memory vector ``m_j`` by ``s_t · W m_j``, turns
+    ``s_t`` and what it read. It scores each memory vector ``m_j`` by ``(W s_t) · m_j``, turns
     the scores into weights with a softmax, and takes the weighted average (the context);
     the output is ``out(tanh(combine([s_t; context])))``. The two models differ only in
-    the memory, and have exactly the same parameters:
+    the memory, and have the same parameters (without attention ``W`` is unused):
 
     * ``attention=False``: the memory is one vector, the final encoder state (so its
-      weight is always 1), as in Cho et al. (2014), where the decoder sees that summary at
+      weight is always 1), much as in Cho et al. (2014), where the decoder sees that summary at
       every step. Every digit must squeeze through ``hidden_size`` numbers.
     * ``attention=True``: the memory is all ``S`` encoder states, and the weights are
-      attention (Bahdanau et al., 2015, with the "general" score sᵀWm of Luong et al., 2015).
+      attention (Bahdanau et al., 2015, with the "general" score of Luong et al., 2015, who
+      write it with ``W`` transposed).
 
     ``forward(source, decoder_input)`` takes ``(B, S)`` and ``(B, T)`` token ids and returns
     logits ``(B, T, VOCAB_SIZE)``; training feeds the true previous token (teacher forcing).
