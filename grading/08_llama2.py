@@ -3,210 +3,221 @@
 from companion.grading import hidden
 
 
-@hidden("my_rms_norm")
-def test_rms_norm_shapes_and_eps(my_rms_norm):
+@hidden("to_interleaved")
+def test_to_interleaved_row_orders(to_interleaved):
     import torch
     from companion.grading import expect_same
-    gen = torch.Generator().manual_seed(80)
     cases = [
-        ("a single vector (C,) = (8,)", torch.randn(8, generator=gen), torch.randn(8, generator=gen), 1e-5),
-        ("a single feature, C = 1", torch.randn(3, 1, generator=gen), torch.randn(1, generator=gen), 1e-6),
-        ("4-d input (2, 3, 4, 12)", torch.randn(2, 3, 4, 12, generator=gen), torch.randn(12, generator=gen), 1e-5),
-        ("a large eps = 0.5 (inside the square root)", torch.randn(4, 6, generator=gen) * 0.3,
-         torch.randn(6, generator=gen), 0.5),
-        ("an all-zero row (the output is zero, not NaN)", torch.zeros(2, 5), torch.randn(5, generator=gen), 1e-5),
+        (4, 1, [0, 2, 1, 3], "one head, D = 4"),
+        (6, 1, [0, 3, 1, 4, 2, 5], "one head, D = 6 (three pairs)"),
+        (8, 2, [0, 2, 1, 3, 4, 6, 5, 7], "two heads of D = 4: rows stay in their head"),
+        (6, 3, [0, 1, 2, 3, 4, 5], "three heads of D = 2: one pair each, nothing moves"),
     ]
-    for case, x, w, eps in cases:
-        expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-        expect_same(my_rms_norm(x, w, eps), expected, case)
+    for rows, heads, order, case in cases:
+        w = torch.arange(float(rows))[:, None] * torch.ones(1, 3)  # row r holds r in every column
+        expected = torch.tensor(order, dtype=torch.float)[:, None] * torch.ones(1, 3)
+        expect_same(to_interleaved(w, heads), expected, f"{case}: rows {list(range(rows))}")
 
 
-@hidden("my_rms_norm")
-def test_rms_norm_float16_statistic_in_float32(my_rms_norm):
+@hidden("to_interleaved")
+def test_to_interleaved_inverts_the_conversion(to_interleaved):
     import torch
     from companion.grading import expect_same
-    gen = torch.Generator().manual_seed(81)
-    # Entries of about 300: their squares (about 90,000) overflow float16 (largest 65,504), so the
-    # mean of the squares must be computed in float32, as the exercise asks.
-    x = (300 + 50 * torch.randn(2, 3, 16, generator=gen)).to(torch.float16)
-    w = torch.randn(16, generator=gen).to(torch.float16)
-    x32 = x.float()
-    expected = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.float16)
-    got = my_rms_norm(x, w, 1e-5)
-    if isinstance(got, torch.Tensor) and not torch.isfinite(got).all():
-        raise AssertionError("float16 input with entries near 300: the output has inf or NaN; "
-                             "compute the mean of the squares in float32")
-    if isinstance(got, torch.Tensor) and got.dtype == torch.float32:
-        expected = expected.float()  # the exercise does not say which dtype to return: float32 is accepted too
-    expect_same(got, expected, "float16 input and weight, entries near 300", atol=1e-2, rtol=1e-2)
+    from companion.layers import interleaved_to_half_split
+    gen = torch.Generator().manual_seed(88)
+    for heads, D, C in [(1, 8, 5), (4, 16, 64), (8, 4, 12), (2, 128, 3)]:
+        meta = torch.randn(heads * D, C, generator=gen)
+        expect_same(to_interleaved(interleaved_to_half_split(meta, heads), heads), meta,
+                    f"Meta's weight ({heads * D}, {C}) with {heads} heads, converted and converted back")
+    bias = torch.randn(3 * 10, generator=gen)
+    expect_same(to_interleaved(interleaved_to_half_split(bias, 3), 3), bias,
+                "a 1-D bias of 3 heads of 10, converted and converted back")
 
 
-@hidden("my_rms_norm")
-def test_rms_norm_float64_keeps_dtype(my_rms_norm):
+@hidden("to_interleaved")
+def test_to_interleaved_gives_meta_scores(to_interleaved):
     import torch
     from companion.grading import expect_same
-    gen = torch.Generator().manual_seed(82)
-    x = torch.randn(3, 5, 10, generator=gen, dtype=torch.float64)
-    w = torch.randn(10, generator=gen, dtype=torch.float64)
-    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-    expect_same(my_rms_norm(x, w, 1e-6), expected, "float64 input and weight (the output stays float64)")
+    from companion.layers import apply_rope, apply_rope_interleaved, rope_cos_sin
+    gen = torch.Generator().manual_seed(89)
+    H, D, C, T = 3, 8, 24, 7
+    w_hf = torch.randn(H * D, C, generator=gen)
+    x = torch.randn(1, T, C, generator=gen)
+    pos = torch.arange(T)
+
+    def heads(y):
+        return y.view(1, T, H, D).transpose(1, 2)  # (1, H, T, D)
+
+    q_hf = apply_rope(heads(x @ w_hf.T), *rope_cos_sin(pos, D))
+    q_meta = apply_rope_interleaved(heads(x @ to_interleaved(w_hf, H).T), pos)
+    expect_same(q_meta @ q_meta.transpose(-1, -2), q_hf @ q_hf.transpose(-1, -2),
+                "attention scores of Meta's rotary code on your weight vs Hugging Face's on the original",
+                atol=1e-4)
 
 
-@hidden("my_rms_norm")
-def test_rms_norm_own_code(my_rms_norm):
-    import torch
-    import torch.nn.functional as F
-    from companion.grading import expect_same, forbidding
-    gen = torch.Generator().manual_seed(83)
-    x, w = torch.randn(4, 32, generator=gen), torch.randn(32, generator=gen)
-    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
-    names = ["companion.layers.RMSNorm.forward", "companion.layers.RMSNorm"]
-    if hasattr(F, "rms_norm"):
-        names.append("torch.nn.functional.rms_norm")
-    if hasattr(torch.nn, "RMSNorm"):
-        names += ["torch.nn.RMSNorm.forward", "torch.nn.RMSNorm"]
-    try:
-        import transformers.models.llama.modeling_llama as hf_llama
-        if hasattr(hf_llama, "LlamaRMSNorm"):
-            names.append("transformers.models.llama.modeling_llama.LlamaRMSNorm.forward")
-    except ImportError:
-        pass
-    with forbidding(my_rms_norm, *names):
-        got = my_rms_norm(x, w, 1e-5)
-    expect_same(got, expected, "random (4, 32) input, without companion's or torch's RMSNorm")
-
-
-@hidden("my_rope")
-def test_rope_other_sizes_and_bases(my_rope):
+@hidden("to_interleaved")
+def test_to_interleaved_dtypes_and_shapes(to_interleaved):
     import torch
     from companion.grading import expect_same
-    from companion.layers import apply_rope, rope_cos_sin
-    gen = torch.Generator().manual_seed(84)
-    cases = [
-        ("D = 2 (one pair), B = 3, H = 1, T = 4", torch.randn(3, 1, 4, 2, generator=gen), torch.arange(4), 10000.0),
-        ("one token (T = 1) at position 9, D = 8", torch.randn(1, 2, 1, 8, generator=gen), torch.tensor([9]), 10000.0),
-        ("D = 32, base 100, positions 5..10", torch.randn(2, 3, 6, 32, generator=gen), torch.arange(5, 11), 100.0),
-        ("positions not in order [4, 0, 2], D = 12", torch.randn(1, 2, 3, 12, generator=gen),
-         torch.tensor([4, 0, 2]), 10000.0),
-    ]
-    for case, x, positions, base in cases:
-        expected = apply_rope(x, *rope_cos_sin(positions, x.size(-1), base))
-        expect_same(my_rope(x, positions, base), expected, case)
+    from companion.layers import half_split_to_interleaved
+    gen = torch.Generator().manual_seed(90)
+    for w, heads, case in [
+        (torch.randn(2 * 6, 4, generator=gen).to(torch.bfloat16), 2, "bfloat16 (12, 4), 2 heads"),
+        (torch.randn(4 * 4, 3, generator=gen, dtype=torch.float64), 4, "float64 (16, 3), 4 heads"),
+        (torch.randint(0, 100, (2 * 8, 2, 3), generator=gen), 2, "int64 (16, 2, 3): two trailing dimensions"),
+    ]:
+        expect_same(to_interleaved(w, heads), half_split_to_interleaved(w, heads), case)
 
 
-@hidden("my_rope")
-def test_rope_far_positions(my_rope):
-    import torch
-    from companion.grading import expect_same
-    from companion.layers import apply_rope, rope_cos_sin
-    gen = torch.Generator().manual_seed(85)
-    x = torch.randn(1, 4, 3, 64, generator=gen)
-    positions = torch.tensor([1000, 2000, 4095])
-    expected = apply_rope(x, *rope_cos_sin(positions, 64, 10000.0))
-    # An angle of thousands of radians carries a float32 rounding error of about 1e-4.
-    expect_same(my_rope(x, positions, 10000.0), expected, "positions 1000, 2000, 4095 with D = 64",
-                atol=2e-3, rtol=1e-3)
-
-
-@hidden("my_rope")
-def test_rope_float64_keeps_dtype(my_rope):
-    import torch
-    from companion.grading import expect_same
-    from companion.layers import apply_rope, rope_cos_sin
-    gen = torch.Generator().manual_seed(86)
-    x = torch.randn(2, 2, 5, 16, generator=gen, dtype=torch.float64)
-    positions = torch.arange(5)
-    expected = apply_rope(x, *rope_cos_sin(positions, 16, 10000.0))  # float64: x times float32 angles
-    expect_same(my_rope(x, positions, 10000.0), expected, "float64 input (the output stays float64)")
-
-
-@hidden("my_rope")
-def test_rope_own_code(my_rope):
+@hidden("to_interleaved")
+def test_to_interleaved_own_code(to_interleaved):
     import torch
     from companion.grading import expect_same, forbidding
+    w = torch.arange(8.0)[:, None]
+    with forbidding(to_interleaved, "companion.layers.half_split_to_interleaved",
+                    "companion.layers.interleaved_to_half_split"):
+        got = to_interleaved(w, 1)
+    expect_same(got, torch.tensor([0.0, 4, 1, 5, 2, 6, 3, 7])[:, None],
+                "one head of D = 8, without companion's conversions")
+
+
+@hidden("rerotate")
+def test_rerotate_against_rotation_from_scratch(rerotate):
+    import torch
+    from companion.grading import expect_same
     from companion.layers import apply_rope, rope_cos_sin
-    gen = torch.Generator().manual_seed(87)
-    x, positions = torch.randn(1, 2, 4, 8, generator=gen), torch.arange(4)
-    expected = apply_rope(x, *rope_cos_sin(positions, 8, 10000.0))
-    names = ["companion.layers.apply_rope", "companion.layers.rope_cos_sin", "companion.layers.rope_inv_freq",
-             "companion.layers.rotate_half", "companion.layers.apply_rope_interleaved"]
-    try:
-        import transformers.models.llama.modeling_llama as hf_llama
-        names += [f"transformers.models.llama.modeling_llama.{n}" for n in ("apply_rotary_pos_emb", "rotate_half")
-                  if hasattr(hf_llama, n)]
-    except ImportError:
-        pass
-    with forbidding(my_rope, *names):
-        got = my_rope(x, positions, 10000.0)
-    expect_same(got, expected, "random (1, 2, 4, 8) input, without companion's rope helpers")
+    gen = torch.Generator().manual_seed(91)
+    for shift, positions, D, base in [(1, [0], 2, 10000.0), (5, [0, 1, 2, 3], 16, 10000.0),
+                                      (-100, [100, 150, 199], 64, 10000.0), (37, [3, 1, 4, 1, 5], 8, 500.0),
+                                      (-3, [3, 4], 128, 1e6)]:
+        k = torch.randn(2, 3, len(positions), D, generator=gen)
+        pos = torch.tensor(positions)
+        rotated = apply_rope(k, *rope_cos_sin(pos, D, base))
+        expected = apply_rope(k, *rope_cos_sin(pos + shift, D, base))
+        expect_same(rerotate(rotated, shift, base), expected,
+                    f"D = {D}, base {base:g}, keys at positions {positions} moved by {shift}", atol=5e-4)
 
 
-@hidden("swiglu_hidden_size")
-def test_swiglu_hidden_size_no_rounding_needed(swiglu_hidden_size):
+@hidden("rerotate")
+def test_rerotate_direction_and_identity(rerotate):
+    import math
+    import torch
     from companion.grading import expect_same
-    # (C, multiple_of, expected): int(8 C / 3), rounded up to the multiple, worked out by hand.
-    cases = [
-        (96, 256, 256),  # 8 * 96 / 3 = 256 exactly: already a multiple, not 512
-        (3, 8, 8),  # 8 exactly
-        (100, 1, 266),  # 266.67 rounds DOWN to 266; multiple_of = 1 changes nothing
-        (1, 1, 2),  # 2.67 -> 2
-    ]
-    for C, m, expected in cases:
-        expect_same(swiglu_hidden_size(C, m), expected, f"C={C}, multiple_of={m}")
+    k = torch.tensor([[[[1.0, 0.0]]]])  # one pair (1, 0), as rotated at position 0
+    expect_same(rerotate(k, 1, 10000.0), torch.tensor([[[[math.cos(1.0), math.sin(1.0)]]]]),
+                "the pair (1, 0) moved by +1 position turns by +1 radian (to (cos 1, sin 1))")
+    expect_same(rerotate(k, -1, 10000.0), torch.tensor([[[[math.cos(1.0), -math.sin(1.0)]]]]),
+                "the pair (1, 0) moved by -1 position turns by -1 radian")
+    gen = torch.Generator().manual_seed(92)
+    x = torch.randn(1, 2, 4, 32, generator=gen)
+    expect_same(rerotate(x, 0, 10000.0), x, "shift 0 leaves the keys as they are")
+    expect_same(rerotate(rerotate(x, 9, 10000.0), -9, 10000.0), x, "moved by 9, then by -9: back where they were",
+                atol=1e-5)
 
 
-@hidden("swiglu_hidden_size")
-def test_swiglu_hidden_size_rounding(swiglu_hidden_size):
+@hidden("rerotate")
+def test_rerotate_keeps_float64_and_scores(rerotate):
+    import torch
     from companion.grading import expect_same
-    cases = [
-        (100, 2, 266),  # 266 is already even
-        (100, 4, 268),  # 266 -> 268
-        (1, 4, 4),  # 2 -> 4
-        (2560, 64, 6848),  # 6826 -> 6848
-        (8192, 256, 22016),  # 21845 -> 22016
-        (768, 100, 2100),  # 2048 -> 2100: a multiple that is not a power of two
-    ]
-    for C, m, expected in cases:
-        expect_same(swiglu_hidden_size(C, m), expected, f"C={C}, multiple_of={m}")
+    gen = torch.Generator().manual_seed(93)
+    k = torch.randn(1, 2, 5, 16, generator=gen, dtype=torch.float64)
+    got = rerotate(k, 4, 10000.0)
+    if isinstance(got, torch.Tensor) and got.dtype != torch.float64:
+        raise AssertionError(f"float64 keys came back as {got.dtype}")
+    q = torch.randn(1, 2, 5, 16, generator=gen, dtype=torch.float64)
+    expect_same(rerotate(q, 4, 10000.0) @ got.transpose(-1, -2), q @ k.transpose(-1, -2),
+                "queries and keys moved by the same shift: every score stays the same", atol=1e-5)
 
 
-@hidden("kv_cache_gib")
-def test_kv_cache_gib_grouped_heads(kv_cache_gib):
+@hidden("read_tensor")
+def test_read_tensor_every_dtype(read_tensor):
+    import tempfile
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
     from companion.grading import expect_same
-    from companion.llama import LlamaConfig
-    cases = [
-        # (config, seq_len, batch, bytes, what): expected worked out from the sizes
-        (LlamaConfig.preset("tiny", hidden_size=96, num_attention_heads=4, num_key_value_heads=1),
-         1, 1, 1, "tiny with head_dim 24 and 1 key/value head, one token, 1 byte"),
-        (LlamaConfig.preset("tiny", num_hidden_layers=3, num_key_value_heads=2), 37, 5, 4,
-         "tiny with 3 layers and 2 key/value heads, 37 tokens, batch 5, 4 bytes"),
-        (LlamaConfig.preset("llama-2-13b"), 4096, 2, 2, "llama-2-13b, 4096 tokens, batch 2, 2 bytes"),
-        (LlamaConfig.preset("llama-2-70b"), 1000, 3, 1, "llama-2-70b, 1000 tokens, batch 3, 1 byte"),
-    ]
-    for config, T, B, nbytes, case in cases:
-        n = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
-        expected = n * T * B * nbytes / 2**30
-        expect_same(kv_cache_gib(config, T, B, nbytes), expected, case, atol=0.0, rtol=1e-9)
+    gen = torch.Generator().manual_seed(94)
+    tensors = {
+        "f64": torch.randn(3, 2, generator=gen, dtype=torch.float64),
+        "f32": torch.randn(2, 3, 4, generator=gen),
+        "f16": torch.randn(5, generator=gen).half(),
+        "bf16": torch.randn(3, 3, generator=gen).to(torch.bfloat16),
+        "i64": torch.tensor([[2**40, -7], [0, 1]]),
+        "i32": torch.tensor([-(2**31), 2**31 - 1], dtype=torch.int32),
+        "u8": torch.tensor([[0, 128, 255]], dtype=torch.uint8),
+        "bool": torch.tensor([[True], [False], [True]]),
+    }
+    path = Path(tempfile.mkdtemp()) / "all.safetensors"
+    save_file(tensors, path)
+    for name, expected in tensors.items():
+        expect_same(read_tensor(path, name), expected, f"tensor {name!r} of shape {list(expected.shape)}")
 
 
-@hidden("kv_cache_gib")
-def test_kv_cache_gib_edges(kv_cache_gib):
+@hidden("read_tensor")
+def test_read_tensor_no_dimensions_empty_and_missing(read_tensor):
+    import tempfile
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
     from companion.grading import expect_same
-    from companion.llama import LlamaConfig
-    expect_same(kv_cache_gib(LlamaConfig.preset("llama-2-7b"), 0, 4, 2), 0.0, "seq_len 0", atol=0.0, rtol=1e-9)
-    expect_same(kv_cache_gib(LlamaConfig.preset("llama-2-7b"), 1, 1, 2), 0.5 / 1024,
-                "llama-2-7b, one token, 16-bit: 512 KiB", atol=0.0, rtol=1e-9)
-    expect_same(kv_cache_gib(LlamaConfig.preset("tiny"), 1, 1, 2), 2 * 2 * 4 * 16 * 2 / 2**30,
-                "tiny, one token (a fraction of a GiB, not rounded to 0)", atol=0.0, rtol=1e-9)
+    path = Path(tempfile.mkdtemp()) / "edge.safetensors"
+    save_file({"scalar": torch.tensor(-1.5), "empty": torch.zeros(0), "flat": torch.zeros(2, 0, 3),
+               "w": torch.ones(2)}, path, metadata={"format": "pt"})
+    for name, expected, case in [("scalar", torch.tensor(-1.5), "shape []: a tensor without dimensions"),
+                                 ("empty", torch.zeros(0), "shape [0]: no bytes at all"),
+                                 ("flat", torch.zeros(2, 0, 3), "shape [2, 0, 3]: no bytes, three dimensions")]:
+        try:
+            got = read_tensor(path, name)
+        except NotImplementedError:
+            raise
+        except Exception as err:
+            raise AssertionError(f"{case}: read_tensor raised {type(err).__name__}: {err}") from None
+        expect_same(got, expected, case)
+    for missing in ("v", "__metadata__"):
+        try:
+            read_tensor(path, missing)
+        except KeyError as err:
+            if missing not in str(err):
+                raise AssertionError(f"the KeyError for {missing!r} does not name it: {err}") from None
+        except NotImplementedError:
+            raise
+        except Exception as err:
+            raise AssertionError(f"asking for {missing!r}: expected a KeyError, got {type(err).__name__}: {err}") from None
+        else:
+            raise AssertionError(f"asking for {missing!r}, which is not a tensor of the file: expected a KeyError")
 
 
-@hidden("kv_cache_gib")
-def test_kv_cache_gib_own_code(kv_cache_gib):
+@hidden("read_tensor")
+def test_read_tensor_header_order_is_not_data_order(read_tensor):
+    import json
+    import tempfile
+    from pathlib import Path
+    import torch
+    from companion.grading import expect_same
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = torch.tensor([[7, 8]], dtype=torch.int64)
+    data = b.numpy().tobytes() + a.numpy().tobytes()  # b first in the data, a first in the header
+    header = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [16, 28]},
+              "b": {"dtype": "I64", "shape": [1, 2], "data_offsets": [0, 16]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces
+    path = Path(tempfile.mkdtemp()) / "by_hand.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    expect_same(read_tensor(path, "a"), a, "a file written by hand: 'a' is first in the header, last in the data")
+    expect_same(read_tensor(path, "b"), b, "a file written by hand: 'b' is second in the header, first in the data")
+
+
+@hidden("read_tensor")
+def test_read_tensor_own_code(read_tensor):
+    import tempfile
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
     from companion.grading import expect_same, forbidding
-    from companion.llama import LlamaConfig
-    config = LlamaConfig.preset("tiny", num_key_value_heads=2)
-    expected = 2 * 2 * 2 * 16 * 50 * 3 * 2 / 2**30
-    with forbidding(kv_cache_gib, "companion.layers.kv_cache_bytes"):
-        got = kv_cache_gib(config, 50, 3, 2)
-    expect_same(got, expected, "tiny with 2 key/value heads, without companion.layers.kv_cache_bytes",
-                atol=0.0, rtol=1e-9)
+    path = Path(tempfile.mkdtemp()) / "own.safetensors"
+    w = torch.arange(6.0).view(2, 3).to(torch.bfloat16)
+    save_file({"w": w, "v": torch.ones(4)}, path)
+    with forbidding(read_tensor, "safetensors.torch.load_file", "safetensors.torch.load", "safetensors.safe_open",
+                    "companion.checkpoint.SafetensorsFile.tensor", "companion.checkpoint.SafetensorsFile.__init__"):
+        got = read_tensor(path, "w")
+    expect_same(got, w, "a bfloat16 tensor, without safetensors' or companion's readers")
