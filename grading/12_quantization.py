@@ -1,83 +1,151 @@
-"""Hidden tests for chapter 12's exercises."""
+"""Hidden tests for chapter 12's exercises (quantization)."""
 
 from companion.grading import hidden
 
 
-@hidden("int8_per_group")
-def test_int8_per_group_each_group_its_own_scale(int8_per_group):
+@hidden("int4_zero_point")
+def test_int4_zero_point_by_hand(int4_zero_point):
+    import torch
+    from companion.grading import expect_same
+    cases = [
+        ([-1.0, 0.0, 2.75, 0.5], [0, 4, 15, 6], 0.25, 4, "range -1 to 2.75: scale 0.25, zero point 4"),
+        ([0.5, 1.0, 1.5, 3.75], [2, 4, 6, 15], 0.25, 0, "all positive: the range starts at 0, zero point 0"),
+        ([-3.75, -1.0, -0.5, -0.25], [0, 11, 13, 14], 0.25, 15, "all negative: the range ends at 0, zero point 15"),
+        ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], 0.0, 0, "all zeros: scale 0, zero point 0, levels 0"),
+    ]
+    for weights, levels, scale, zero, case in cases:
+        got = int4_zero_point(torch.tensor([weights]), 4)
+        expect_same(tuple(got) if isinstance(got, (tuple, list)) else got,
+                    (torch.tensor([levels], dtype=torch.uint8), torch.tensor([[scale]]),
+                     torch.tensor([[zero]], dtype=torch.uint8)), f"one group {weights}: {case}")
+
+
+@hidden("int4_zero_point")
+def test_int4_zero_point_ragged_groups(int4_zero_point):
+    import torch
+    from companion.grading import expect_same
+    gen = torch.Generator().manual_seed(108)
+
+    def by_loops(w, g):
+        N, K = w.shape
+        starts = list(range(0, K, g))
+        q = torch.zeros(N, K, dtype=torch.uint8)
+        s = torch.zeros(N, len(starts), dtype=w.dtype)
+        z = torch.zeros(N, len(starts), dtype=torch.uint8)
+        for n in range(N):
+            for j, a in enumerate(starts):
+                grp = w[n, a:a + g]
+                lo, hi = min(grp.min(), 0), max(grp.max(), 0)
+                if hi - lo == 0:
+                    continue
+                sc = (hi - lo) / 15
+                zp = torch.round(-lo / sc)
+                q[n, a:a + g] = (torch.round(grp / sc) + zp).clamp(0, 15).to(torch.uint8)
+                s[n, j], z[n, j] = sc, zp
+        return q, s, z
+
+    for N, K, g, case in [(2, 10, 4, "K=10, groups of 4: the last has 2"), (3, 7, 7, "one group the size of the row"),
+                          (2, 7, 100, "group_size 100 > K=7: one short group"), (4, 9, 1, "groups of one weight"),
+                          (1, 130, 32, "K=130, groups of 32: the last has 2")]:
+        w = torch.randn(N, K, generator=gen)
+        try:
+            got = int4_zero_point(w, g)
+        except NotImplementedError:
+            raise
+        except Exception as err:
+            raise AssertionError(f"({N}, {K}), {case}: int4_zero_point raised {type(err).__name__}: {err}") from None
+        expect_same(tuple(got) if isinstance(got, (tuple, list)) else got, by_loops(w, g), f"({N}, {K}), {case}")
+
+
+@hidden("int4_zero_point")
+def test_int4_zero_point_zeros_come_back_exactly(int4_zero_point):
+    import torch
+    from companion.grading import expect_same
+    gen = torch.Generator().manual_seed(109)
+    w = torch.randn(5, 48, generator=gen) * 0.05
+    w[w.abs() < 0.02] = 0.0  # pruned weights
+    q, scale, zero = int4_zero_point(w, 16)
+    back = (q.float().reshape(5, 3, 16) - zero.float()[..., None]) * scale[..., None]  # (N, G, g)
+    back = back.reshape(5, 48)
+    expect_same(back[w == 0], torch.zeros(int((w == 0).sum())), "pruned weights (exactly 0) dequantize to exactly 0",
+                atol=0.0, rtol=0.0)
+    step = scale.repeat_interleave(16, dim=1)
+    worst = ((back - w).abs() - step / 2 * (1 + 1e-5)).max().item()
+    if worst > 1e-7:
+        raise AssertionError(f"a weight is more than half a step from its level (by {worst:.3g})")
+
+
+@hidden("int4_zero_point")
+def test_int4_zero_point_dtypes(int4_zero_point):
+    import torch
+    gen = torch.Generator().manual_seed(110)
+    for dtype in (torch.float32, torch.float64):
+        try:
+            q, scale, zero = int4_zero_point(torch.randn(3, 20, generator=gen, dtype=dtype), 8)
+        except NotImplementedError:
+            raise
+        except Exception as err:
+            raise AssertionError(f"{dtype} weights (3, 20), groups of 8 (the last has 4): int4_zero_point raised "
+                                 f"{type(err).__name__}: {err}") from None
+        for name, t, want, shape in [("q", q, torch.uint8, (3, 20)), ("scales", scale, dtype, (3, 3)),
+                                     ("zero points", zero, torch.uint8, (3, 3))]:
+            if t.dtype != want or tuple(t.shape) != shape:
+                raise AssertionError(f"{dtype} weights (3, 20), groups of 8: {name} should be {want} of shape {shape}, "
+                                     f"got {t.dtype} of shape {tuple(t.shape)}")
+        if int(q.max()) > 15 or int(zero.max()) > 15:
+            raise AssertionError(f"{dtype}: levels and zero points must lie in 0..15")
+
+
+@hidden("w8a8_linear")
+def test_w8a8_linear_by_hand(w8a8_linear):
+    import torch
+    from companion.grading import expect_same
+    x = torch.tensor([[1.0, -0.25]])  # levels 127 and round(-31.75) = -32, scale 1/127
+    w = torch.tensor([[2.0, 2.0], [0.0, -4.0]])  # levels [127, 127] scale 2/127; [0, -127] scale 4/127
+    sums = torch.tensor([[127.0 * 127 - 32 * 127, 32.0 * 127]])
+    expected = sums * (1 / 127) * torch.tensor([[2 / 127, 4 / 127]])
+    expect_same(w8a8_linear(x, w), expected, "x [[1, -0.25]], w [[2, 2], [0, -4]]: integer sums 12065 and 4064")
+
+
+@hidden("w8a8_linear")
+def test_w8a8_linear_sums_in_the_millions(w8a8_linear):
+    import torch
+    from companion.grading import expect_same
+    x = torch.ones(2, 8192)
+    w = torch.cat([torch.ones(1, 8192), -torch.ones(1, 8192)])
+    expect_same(w8a8_linear(x, w), torch.tensor([[8192.0, -8192.0], [8192.0, -8192.0]]),
+                "rows of 8192 ones: integer sums of 8192 x 127 x 127 = 132 million (int8 or int16 sums overflow)")
+    x = torch.full((1, 3000), -2.0)
+    x[0, ::2] = 2.0
+    expect_same(w8a8_linear(x, torch.ones(1, 3000)), torch.tensor([[0.0]]), "alternating +2 and -2: the sum is 0")
+
+
+@hidden("w8a8_linear")
+def test_w8a8_linear_shapes_zero_rows_float64(w8a8_linear):
     import torch
     from companion.grading import expect_same
     from companion.quantize import dequantize_int8, quantize_int8
-    gen = torch.Generator().manual_seed(11)
-    # four groups of 32 per row, each 10 times larger than the one before: one scale per row would flatten the small ones
-    w = torch.randn(3, 128, generator=gen) * torch.tensor([0.001, 0.01, 0.1, 1.0]).repeat_interleave(32)
-    for g in (32, 64, 128):
-        expected = dequantize_int8(*quantize_int8(w.reshape(-1, g))).reshape(w.shape)
-        expect_same(int8_per_group(w, g), expected,
-                    f"(3, 128) weights whose groups of 32 grow tenfold, group_size={g}")
-    w = torch.randn(2, 6, generator=gen)
-    expect_same(int8_per_group(w, 1), w, "(2, 6), group_size=1: every weight is its own group's absmax")
-    expect_same(int8_per_group(w, 2), dequantize_int8(*quantize_int8(w.reshape(-1, 2))).reshape(w.shape),
-                "(2, 6), group_size=2")
+    gen = torch.Generator().manual_seed(111)
 
+    def reference(x, w):
+        rows = x.reshape(-1, x.size(-1)).double()
+        sx = rows.abs().amax(-1) / 127
+        qx = torch.round(rows / torch.where(sx == 0, 1.0, sx)[:, None])
+        return ((qx * sx[:, None]) @ dequantize_int8(*quantize_int8(w)).double().T).to(x.dtype).reshape(
+            *x.shape[:-1], w.size(0))
 
-@hidden("int8_per_group")
-def test_int8_per_group_zeros_and_negative_extremes(int8_per_group):
-    import torch
-    from companion.grading import expect_same
-    from companion.quantize import dequantize_int8, quantize_int8
-    gen = torch.Generator().manual_seed(12)
-    w = torch.randn(3, 96, generator=gen)
-    w[0, 32:64] = 0.0  # a group of zeros between two others
-    w[1] = 0.0  # a whole row of zeros
-    w[2, :32] = -w[2, :32].abs()
-    w[2, 5] = -4.0  # the largest magnitude of this group is negative
-    got = int8_per_group(w, 32)
-    expected = dequantize_int8(*quantize_int8(w.reshape(-1, 32))).reshape(w.shape)
-    expect_same(got, expected, "(3, 96), group_size=32, with a group of zeros, a row of zeros "
-                               "and a group whose largest magnitude is negative")
-    expect_same(got[0, 32:64], torch.zeros(32), "the group of zeros in row 0 (must come back as zeros, not nan)")
-    expect_same(got[2, 5], torch.tensor(-4.0), "the weight -4.0 that sets its group's scale")
-    one = torch.randn(1, 32, generator=gen)
-    expect_same(int8_per_group(one, 32), dequantize_int8(*quantize_int8(one)), "(1, 32), one group: per-row int8")
-
-
-@hidden("int8_per_group")
-def test_int8_per_group_float64(int8_per_group):
-    import torch
-    from companion.grading import expect_same
-    from companion.quantize import dequantize_int8, quantize_int8
-    w = torch.randn(4, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
-    expected = dequantize_int8(*quantize_int8(w.reshape(-1, 8))).reshape(w.shape)
-    expect_same(int8_per_group(w, 8), expected, "float64 (4, 16), group_size=8: the approximation keeps w's dtype")
-
-
-@hidden("int8_per_group")
-def test_int8_per_group_own_code(int8_per_group):
-    import sys
-
-    import torch
-    from companion.grading import expect_same, forbidding
-    from companion.quantize import dequantize_int8, quantize_int8
-    w = torch.randn(2, 64, generator=torch.Generator().manual_seed(14))
-    expected = dequantize_int8(*quantize_int8(w.reshape(-1, 32))).reshape(w.shape)
-    codes = (quantize_int8.__code__, dequantize_int8.__code__)
-    reached = []
-
-    def watch(frame, event, arg):  # also sees the references called under any alias
-        if event == "call" and frame.f_code in codes:
-            reached.append(frame.f_code.co_name)
-
-    before = sys.getprofile()
-    sys.setprofile(watch)
-    try:
-        with forbidding(int8_per_group, "companion.quantize.quantize_int8", "companion.quantize.dequantize_int8"):
-            got = int8_per_group(w, 32)
-    finally:
-        sys.setprofile(before)
-    if reached:
-        raise AssertionError(f"int8_per_group runs companion.quantize.{reached[0]}: this exercise asks for your own code")
-    expect_same(got, expected, "(2, 64), group_size=32, without companion.quantize's int8 functions")
+    x = torch.randn(2, 3, 4, 24, generator=gen)
+    x[1, 2, 0] = 0.0
+    w = torch.randn(5, 24, generator=gen)
+    got = w8a8_linear(x, w)
+    if isinstance(got, torch.Tensor) and got.isnan().any():
+        raise AssertionError("an input with a row of zeros: the output has NaN; that row's outputs are 0")
+    expect_same(got, reference(x, w), "x (2, 3, 4, 24) with one row of zeros, w (5, 24)")
+    x64, w64 = torch.randn(3, 10, generator=gen, dtype=torch.float64), torch.randn(2, 10, generator=gen, dtype=torch.float64)
+    expect_same(w8a8_linear(x64, w64), reference(x64, w64), "float64 x and w (the output stays float64)")
+    outlier = torch.tensor([[50.0, 0.1, -0.1, 0.15]])
+    expect_same(w8a8_linear(outlier, torch.ones(1, 4)), torch.tensor([[50.0]]),
+                "x [[50, 0.1, -0.1, 0.15]]: the outlier sets the step (50/127), the small entries round to 0")
 
 
 @hidden("perplexity_windows")
@@ -142,71 +210,3 @@ def test_perplexity_windows_own_code(perplexity_windows):
     if reached:
         raise AssertionError("perplexity_windows runs companion.evaluate.windows: this exercise asks for your own code")
     expect_same(got, expected, "n=20, context=6, stride=4, without companion.evaluate.windows")
-
-
-@hidden("int4_dequantize")
-def test_int4_dequantize_nibble_order(int4_dequantize):
-    import torch
-    from companion.grading import expect_same
-    packed = torch.tensor([[0x1F, 0x20]], dtype=torch.uint8)  # low nibble first: weights 15, 1, 0, 2
-    got = int4_dequantize(packed, torch.tensor([[1.0]]), torch.tensor([[0.0]]))
-    expect_same(got, torch.tensor([[15.0, 1.0, 0.0, 2.0]]),
-                "bytes 0x1F, 0x20 with scale 1 and min 0: weight 2j is the low four bits of byte j")
-    got = int4_dequantize(packed, torch.tensor([[0.5]]), torch.tensor([[-1.0]]))
-    expect_same(got, torch.tensor([[6.5, -0.5, -1.0, 0.0]]), "bytes 0x1F, 0x20 with scale 0.5 and min -1")
-
-
-@hidden("int4_dequantize")
-def test_int4_dequantize_groups(int4_dequantize):
-    import torch
-    from companion.grading import expect_same
-    from companion.quantize import dequantize_int4
-    gen = torch.Generator().manual_seed(15)
-    for N, K, G in [(1, 2, 1), (2, 8, 2), (3, 12, 3), (2, 8, 4), (4, 16, 1)]:
-        packed = torch.randint(0, 256, (N, K // 2), generator=gen, dtype=torch.uint8)
-        scales = torch.rand(N, G, generator=gen) + 0.1
-        mins = torch.randn(N, G, generator=gen)
-        expect_same(int4_dequantize(packed, scales, mins), dequantize_int4(packed, scales, mins),
-                    f"N={N}, K={K}, {G} groups of {K // G}")
-
-
-@hidden("int4_dequantize")
-def test_int4_dequantize_float64(int4_dequantize):
-    import torch
-    from companion.grading import expect_same
-    from companion.quantize import dequantize_int4, quantize_int4
-    gen = torch.Generator().manual_seed(16)
-    packed, scales, mins = quantize_int4(torch.randn(3, 128, generator=gen, dtype=torch.float64), 32)
-    expect_same(int4_dequantize(packed, scales, mins), dequantize_int4(packed, scales, mins),
-                "float64 (3, 128) weights quantized in groups of 32: return float64")
-    packed, scales, mins = quantize_int4(torch.randn(1, 64, generator=gen), 64)
-    expect_same(int4_dequantize(packed, scales, mins), dequantize_int4(packed, scales, mins),
-                "(1, 64) weights quantized in one group of 64")
-
-
-@hidden("int4_dequantize")
-def test_int4_dequantize_own_code(int4_dequantize):
-    import sys
-
-    import torch
-    from companion.grading import expect_same, forbidding
-    from companion.quantize import dequantize_int4, quantize_int4
-    packed, scales, mins = quantize_int4(torch.randn(2, 64, generator=torch.Generator().manual_seed(17)), 32)
-    expected = dequantize_int4(packed, scales, mins)
-    reached = []
-
-    def watch(frame, event, arg):  # also sees the reference called under any alias
-        if event == "call" and frame.f_code is dequantize_int4.__code__:
-            reached.append(event)
-
-    before = sys.getprofile()
-    sys.setprofile(watch)
-    try:
-        with forbidding(int4_dequantize, "companion.quantize.dequantize_int4"):
-            got = int4_dequantize(packed, scales, mins)
-    finally:
-        sys.setprofile(before)
-    if reached:
-        raise AssertionError("int4_dequantize runs companion.quantize.dequantize_int4: "
-                             "this exercise asks for your own code")
-    expect_same(got, expected, "(2, 64) in groups of 32, without companion.quantize.dequantize_int4")
