@@ -3,112 +3,160 @@
 from companion.grading import hidden
 
 
-@hidden("my_rows")
-def test_my_rows_one_row_each(my_rows):
+@hidden("combine_gradients")
+def test_combine_gradients_by_hand(combine_gradients):
     import torch
     from companion.grading import expect_same
-    batch = torch.arange(40).view(8, 5)
-    for rank in range(8):
-        expect_same(my_rows(batch, rank, 8), batch[rank:rank + 1],
-                    f"batch (8, 5), world_size 8, rank {rank}: one row, still of shape (1, 5)")
-    one = torch.arange(7).view(1, 7)
-    expect_same(my_rows(one, 0, 1), one, "batch (1, 7), world_size 1: the whole batch")
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, -1.0])
+    cases = [
+        (([a, b], [2, 2]), torch.tensor([2.5, 0.5]), "equal shares of 2 rows: the plain mean"),
+        (([a, b], [3, 1]), torch.tensor([7.0 / 4, 5.0 / 4]), "shares of 3 and 1 rows: weights 3/4 and 1/4"),
+        (([a], [5]), a, "one process: its own gradient"),
+        (([a, torch.full((2,), float("nan")), b], [1, 0, 3]), torch.tensor([13.0 / 4, -1.0 / 4]),
+         "a process with no rows reports NaN: it is left out, not multiplied by 0"),
+    ]
+    for args, expected, case in cases:
+        got = combine_gradients(*args)
+        if isinstance(got, torch.Tensor) and got.isnan().any():
+            raise AssertionError(f"{case}: the result has NaN: {got.tolist()}")
+        expect_same(got, expected, case)
 
 
-@hidden("my_rows")
-def test_my_rows_consecutive_shares(my_rows):
+@hidden("combine_gradients")
+def test_combine_gradients_equals_the_whole_batch(combine_gradients):
+    import torch
+    import torch.nn.functional as F
+    from companion.grading import expect_same
+    gen = torch.Generator().manual_seed(116)
+    w = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (11,), generator=gen)
+
+    def grad(rows):  # the mean's gradient as a process computes it: the sum's, over the count (NaN for none)
+        w.grad = None
+        F.cross_entropy(x[rows] @ w.T, y[rows], reduction="sum").backward()
+        return w.grad / len(y[rows])
+
+    whole = grad(slice(0, 11))
+    for counts in ([5, 6], [1, 10], [0, 11, 0], [3, 3, 3, 2], [11]):
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        grads = [grad(slice(s, s + n)) for s, n in zip(starts, counts)]
+        expect_same(combine_gradients(grads, counts), whole,
+                    f"float64 gradients of 11 rows in shares {counts}: the whole batch's", atol=1e-12)
+
+
+@hidden("combine_gradients")
+def test_combine_gradients_no_rows_and_dtype(combine_gradients):
     import torch
     from companion.grading import expect_same
-    batch = torch.arange(30 * 3).view(30, 3)
-    for world_size in (5, 6, 10, 15):
-        b = 30 // world_size
-        for rank in range(world_size):
-            expect_same(my_rows(batch, rank, world_size), batch[rank * b:(rank + 1) * b],
-                        f"batch (30, 3), world_size {world_size}, rank {rank}: rows {rank * b} to {(rank + 1) * b - 1}")
-
-
-@hidden("my_rows")
-def test_my_rows_other_dtypes_and_shapes(my_rows):
-    import torch
-    from companion.grading import expect_same
-    gen = torch.Generator().manual_seed(21)
-    batch = torch.randn(6, 4, 2, generator=gen, dtype=torch.float64)
-    for rank in range(3):
-        expect_same(my_rows(batch, rank, 3), batch[2 * rank:2 * rank + 2],
-                    f"float64 batch (6, 4, 2), world_size 3, rank {rank}")
-    ids = torch.randint(0, 50_000, (16, 1), generator=gen)
-    for rank in range(4):
-        expect_same(my_rows(ids, rank, 4), ids[4 * rank:4 * rank + 4],
-                    f"token ids (16, 1), world_size 4, rank {rank}")
-    together = torch.cat([my_rows(ids, rank, 4) for rank in range(4)])
-    expect_same(together, ids, "token ids (16, 1): the 4 ranks' rows, in rank order, are the whole batch")
-
-
-@hidden("ring_bytes_sent")
-def test_ring_bytes_sent_one_process(ring_bytes_sent):
-    from companion.grading import expect_same
-    for n_bytes in (4, 1000, 4 * 10**6):
-        expect_same(ring_bytes_sent(n_bytes, 1), 0.0, f"{n_bytes} bytes, world_size 1: nothing to send")
-
-
-@hidden("ring_bytes_sent")
-def test_ring_bytes_sent_uneven_sizes(ring_bytes_sent):
-    from companion.grading import expect_same
-    for n_bytes, world_size in [(1000, 3), (10, 4), (7, 7), (1, 2), (999, 8)]:
-        expect_same(ring_bytes_sent(n_bytes, world_size), 2 * (world_size - 1) * n_bytes / world_size,
-                    f"{n_bytes} bytes, world_size {world_size}: 2 (N - 1) / N of the tensor, no rounding")
-
-
-@hidden("ring_bytes_sent")
-def test_ring_bytes_sent_own_code(ring_bytes_sent):
-    from companion.grading import expect_same
-    # the chapter's simulation of the ring counts the bytes too: the exercise asks for the formula
-    scope = getattr(ring_bytes_sent, "__globals__", {})
-    originals = {k: scope[k] for k in ("ring_all_reduce", "counted_by_the_ring") if callable(scope.get(k))}
-    if any(ring_bytes_sent is f for f in originals.values()):
-        raise AssertionError("ring_bytes_sent is the chapter's simulation of the ring: this exercise asks for the formula")
-
-    def tripwire(*args, **kwargs):
-        raise AssertionError("ring_bytes_sent runs the chapter's simulation of the ring: "
-                             "this exercise asks for the formula")
-
+    nan = torch.full((3,), float("nan"))
     try:
-        for name in originals:
-            scope[name] = tripwire
-        got = [ring_bytes_sent(4 * 2400, n) for n in (2, 5, 8)]
-    finally:
-        scope.update(originals)
-    expect_same(got, [9600.0, 15360.0, 16800.0], "9,600 bytes on 2, 5 and 8 processes, without simulating the ring")
+        combine_gradients([nan, nan], [0, 0])
+    except ValueError as err:
+        if "counts" not in str(err):
+            raise AssertionError(f"no rows at all: the ValueError should name counts, it says: {err}") from None
+    except NotImplementedError:
+        raise
+    except Exception as err:
+        raise AssertionError(f"no rows at all: expected a ValueError, got {type(err).__name__}: {err}") from None
+    else:
+        raise AssertionError("counts [0, 0], no rows at all: expected a ValueError")
+    g = [torch.ones(2, 2, dtype=torch.float64), 3 * torch.ones(2, 2, dtype=torch.float64)]
+    expect_same(combine_gradients(g, [1, 1]), 2 * torch.ones(2, 2, dtype=torch.float64),
+                "float64 gradients (2, 2): the result stays float64")
+    before = [t.clone() for t in g]
+    combine_gradients(g, [2, 5])
+    expect_same(g, before, "the gradients passed in must not be changed in place")
 
 
-@hidden("devices_needed")
-def test_devices_needed_fits_on_one(devices_needed):
+@hidden("ring_all_reduce_any")
+def test_ring_all_reduce_any_uneven_sizes(ring_all_reduce_any):
+    import torch
     from companion.grading import expect_same
-    for n_params, device_gib in [(1, 1), (124_439_808, 80), (2**30 // 16, 1), (10**6, 0.25)]:
-        expect_same(devices_needed(n_params, device_gib), 1,
-                    f"{n_params:,} parameters on {device_gib} GiB devices: one device is enough")
+    gen = torch.Generator().manual_seed(117)
+    for numel, n, sent, case in [(10, 4, [15, 16, 15, 14], "10 values on 4 processes: chunks of 3, 3, 2, 2"),
+                                 (3, 5, [4, 5, 6, 5, 4], "3 values on 5 processes: two chunks are empty"),
+                                 (7, 2, [7, 7], "7 values on 2 processes: chunks of 4 and 3"),
+                                 (1, 3, [2, 1, 1], "one value on 3 processes")]:
+        tensors = [torch.randn(numel, generator=gen) for _ in range(n)]
+        total = torch.stack(tensors).sum(0)
+        got = ring_all_reduce_any(tensors)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            raise AssertionError(f"{case}: expected a tuple (sums, sent)")
+        expect_same(list(got[0]), [total] * n, f"{case}: every process holds the sum")
+        expect_same(list(got[1]), sent, f"{case}: values sent by each process")
 
 
-@hidden("devices_needed")
-def test_devices_needed_exact_boundaries(devices_needed):
+@hidden("ring_all_reduce_any")
+def test_ring_all_reduce_any_empty_single_and_shapes(ring_all_reduce_any):
+    import torch
+    from companion.grading import expect_same
+    gen = torch.Generator().manual_seed(118)
+    got = ring_all_reduce_any([torch.zeros(0), torch.zeros(0)])
+    expect_same(list(got[0]), [torch.zeros(0)] * 2, "empty tensors on 2 processes: empty sums")
+    expect_same(list(got[1]), [0, 0], "empty tensors on 2 processes: nothing sent")
+    alone = torch.randn(2, 3, generator=gen)
+    got = ring_all_reduce_any([alone])
+    expect_same((list(got[0]), list(got[1])), ([alone], [0]), "one process: its own tensor, nothing sent")
+    tensors = [torch.randint(-5, 5, (3, 4), generator=gen) for _ in range(3)]
+    kept = [t.clone() for t in tensors]
+    got = ring_all_reduce_any(tensors)
+    expect_same(list(got[0]), [torch.stack(kept).sum(0)] * 3, "int64 tensors (3, 4) on 3 processes: the shape stays")
+    expect_same(list(got[1]), [16, 16, 16], "12 values on 3 processes: 2 x 2 chunks of 4 each")
+    expect_same(tensors, kept, "the input tensors must not be changed")
+
+
+@hidden("ring_all_reduce_any")
+def test_ring_all_reduce_any_float64_many(ring_all_reduce_any):
+    import torch
+    from companion.grading import expect_same
+    gen = torch.Generator().manual_seed(119)
+    tensors = [torch.randn(1001, generator=gen, dtype=torch.float64) for _ in range(8)]
+    got = ring_all_reduce_any(tensors)
+    expect_same(list(got[0]), [torch.stack(tensors).sum(0)] * 8, "float64, 1001 values on 8 processes", atol=1e-12)
+    if sum(got[1]) != 2 * 7 * 1001:
+        raise AssertionError(f"1001 values on 8 processes: the processes sent {sum(got[1])} values in all, "
+                             f"expected 2 x 7 x 1001 = {2 * 7 * 1001}")
+
+
+@hidden("zero_gib_per_device")
+def test_zero_gib_per_device_stages(zero_gib_per_device):
     from companion.grading import expect_same
     gib = 2**30
-    # 16 bytes per parameter: n_params = k * gib / 16 parameters take exactly k GiB
-    for state_gib, device_gib, expected in [(320, 80, 4), (321, 80, 8), (160, 80, 2), (2, 1, 2), (3, 1, 4),
-                                            (1024, 1, 1024), (1025, 1, 2048)]:
-        n_params = state_gib * gib // 16
-        expect_same(devices_needed(n_params, device_gib), expected,
-                    f"{state_gib} GiB of training state on {device_gib} GiB devices: "
-                    f"{expected} devices (a share of exactly {device_gib} GiB fits)")
+    n = 8 * gib  # 8 Gi parameters on 8 devices: shares of exactly 1 Gi
+    for stage, per_param, case in [(0, 16, "stage 0, DDP: 16 bytes each"), (1, 4 + 12 / 8, "stage 1: 4 + 12 / 8"),
+                                   (2, 2 + 14 / 8, "stage 2: 2 + 14 / 8"), (3, 16 / 8, "stage 3: 16 / 8")]:
+        expect_same(zero_gib_per_device(n, 8, stage), n * per_param / gib, f"8 Gi parameters on 8 devices, {case}",
+                    atol=0.0, rtol=1e-12)
+    for stage in range(4):
+        expect_same(zero_gib_per_device(10**9, 1, stage), 16e9 / gib,
+                    f"one device, stage {stage}: nothing to share, 16 bytes per parameter", atol=0.0, rtol=1e-12)
 
 
-@hidden("devices_needed")
-def test_devices_needed_powers_of_two(devices_needed):
+@hidden("zero_gib_per_device")
+def test_zero_gib_per_device_uneven_shares(zero_gib_per_device):
     from companion.grading import expect_same
-    for n_params, device_gib in [(6_738_415_616, 80), (6_738_415_616, 24), (68_976_648_192, 80),
-                                 (68_976_648_192, 40), (13_015_864_320, 0.5), (500 * 2**30 // 16, 80)]:
-        n = 1
-        while n_params * 16 > device_gib * 2**30 * n:  # in exact integers where device_gib is one
-            n *= 2
-        expect_same(devices_needed(n_params, device_gib), n,
-                    f"{n_params:,} parameters on {device_gib} GiB devices: the smallest power of two that fits")
+    gib = 2**30
+    cases = [((10, 4, 3), 3 * 16, "10 parameters on 4 devices, stage 3: the fullest device holds 3"),
+             ((10, 4, 1), 10 * 4 + 3 * 12, "10 parameters on 4 devices, stage 1"),
+             ((3, 8, 3), 16, "3 parameters on 8 devices, stage 3: one parameter on the fullest"),
+             ((0, 4, 2), 0, "no parameters")]
+    for args, n_bytes, case in cases:
+        expect_same(zero_gib_per_device(*args), n_bytes / gib, case, atol=0.0, rtol=1e-12)
+
+
+@hidden("zero_gib_per_device")
+def test_zero_gib_per_device_refuses_bad_values(zero_gib_per_device):
+    for args, name in [((1000, 8, 4), "stage"), ((1000, 8, -1), "stage"), ((1000, 0, 1), "devices")]:
+        try:
+            zero_gib_per_device(*args)
+        except ValueError as err:
+            if name not in str(err):
+                raise AssertionError(f"zero_gib_per_device{args}: the ValueError should name {name}: {err}") from None
+        except NotImplementedError:
+            raise
+        except Exception as err:
+            raise AssertionError(f"zero_gib_per_device{args}: expected a ValueError, got "
+                                 f"{type(err).__name__}: {err}") from None
+        else:
+            raise AssertionError(f"zero_gib_per_device{args}: expected a ValueError that names {name}")
