@@ -21,6 +21,11 @@ the Hugging Face model (bf16 activations, compiled, static cache), all on the sa
 
     .venv/bin/python benchmarks/decode.py --quant int8 int4
 
+When ``llama-bench`` and ``llama-quantize`` (from a build of llama.cpp) are on ``PATH`` and the
+``gguf`` package is installed, the same weights are also written as a GGUF file and llama.cpp
+is timed in F32, Q8_0 and Q4_0 (:mod:`llamacpp_bench`; ``--no-llama-cpp`` skips it). llama-bench
+runs in its own process after ours and times generation without a prompt.
+
 Timings on a shared machine are noisy: run it twice and compare the ratios, not the digits.
 """
 
@@ -144,6 +149,9 @@ def main() -> None:
                         help="also time our weight-only int8 and/or int4 models (compiled), and "
                              "torchao's int8 weight-only (bf16 activations, compiled) when int8 is asked")
     parser.add_argument("--group-size", type=int, default=64, help="group size of int4 (32, 64 or 128)")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time llama.cpp (F32, Q8_0, Q4_0) on the same weights; default: when "
+                             "llama-bench, llama-quantize and the gguf package are there (CPU only)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's memory bandwidth in GB/s (default: measured by summing a large tensor)")
     args = parser.parse_args()
@@ -209,10 +217,33 @@ def main() -> None:
         same = (tokens.cpu()[:, args.prompt_len:] == reference_tokens.cpu()[:, args.prompt_len:]).float().mean()
         print(f"{name:26s} {rate:9.1f} {reference_seconds / seconds:6.2f}x {per_token / 1e9:9.3f} "
               f"{gbps:7.1f} {gbps / peak:6.0%}  {same:.0%} the same")
+    if device.type == "cpu" and args.llama_cpp is not False:
+        time_llama_cpp_rows(ours, args, reference_seconds, peak)
     print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
           "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
           "single pass is included in the time. Quantized models are other models: their tokens may "
           "differ from the float32 ones.")
+
+
+def time_llama_cpp_rows(model: Llama, args: argparse.Namespace, reference_seconds: float, peak: float) -> None:
+    """Print llama.cpp's rows of the table (:mod:`llamacpp_bench`), or why there are none."""
+    import tempfile
+
+    import llamacpp_bench
+
+    reason = llamacpp_bench.available()
+    if reason is not None:
+        if args.llama_cpp:
+            raise SystemExit(f"--llama-cpp: {reason}")
+        print(f"llama.cpp: not timed ({reason})")
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        rates = llamacpp_bench.time_llama_cpp(model, directory, new_tokens=args.new_tokens,
+                                         threads=torch.get_num_threads(), repeats=args.repeats)
+    for fmt, (rate, per_token) in rates.items():
+        gbps = per_token * rate / 1e9
+        print(f"{'llama.cpp ' + fmt + ' (bench)':26s} {rate:9.1f} {rate * reference_seconds / args.new_tokens:6.2f}x "
+              f"{per_token / 1e9:9.3f} {gbps:7.1f} {gbps / peak:6.0%}  (no prompt; its own process)")
 
 
 if __name__ == "__main__":
