@@ -48,7 +48,7 @@ SIZES = {
                 num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
     "llama-2-7b": dict(),
     # for checking that the script runs, in seconds
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
 }
 
@@ -209,7 +209,7 @@ def main() -> None:
 
     reference_tokens, reference_seconds = runs["transformers generate"]
     print(f"\n{'':26s} {'tokens/s':>9s} {'vs HF':>7s} {'GB/token':>9s} {'GB/s':>7s} {'of bw':>6s}"
-          "  tokens as HF fp32")
+          f"  tokens as HF {str(dtype).removeprefix('torch.')}")
     for name, (tokens, seconds) in runs.items():
         rate = n / seconds
         per_token = weight_bytes_read(models[name])

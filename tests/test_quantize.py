@@ -255,6 +255,24 @@ def test_compiled_layer_agrees_with_the_reference(scheme):
             assert ((got - reference).abs() <= bf16_tolerance(layer, x)).all()
 
 
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_forward_is_the_reference_summed_in_another_order(scheme, group_size, bias):
+    """The decoding path a GPU compiles: eager and compiled, in float32 and in float64."""
+    _, layer = layer_pair(scheme, group_size, bias=bias)
+    x = torch.randn(1, 1, 128)
+    reference = layer.reference_forward(x)
+    assert torch.allclose(layer.one_row_forward(x), reference, atol=1e-5, rtol=1e-5)
+    if CPU_PLAN.compile:
+        compiled = torch.compile(layer.one_row_forward, fullgraph=True)
+        assert torch.allclose(compiled(x), reference, atol=1e-5, rtol=1e-5)
+    layer64 = copy.deepcopy(layer).double()  # integers stay integers; scales, minimums and bias in float64
+    torch.testing.assert_close(layer64.one_row_forward(x.double()), layer64.reference_forward(x.double()),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"one_row_forward takes one row, got an input of shape \(2, 128\)"):
+        layer.one_row_forward(torch.randn(2, 128))
+
+
 # ---- whole models --------------------------------------------------------------------------------
 
 

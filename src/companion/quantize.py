@@ -45,8 +45,11 @@ Two ways to run each layer, which tests check against each other:
   ``aten._weight_int8pack_mm``. :class:`Int4Linear`, eager and compiled:
   ``aten._weight_int4pack_mm_for_cpu``. Both kernels take bfloat16 activations, so their
   results differ from the reference by bfloat16 rounding (2 to 3 significant digits; the
-  tests state the bound). Where a kernel is missing (an older PyTorch), cannot take the
-  shape, or the input is not on a CPU, ``forward`` is ``reference_forward``.
+  tests state the bound). Where a kernel is missing (an older PyTorch) or cannot take the
+  shape, ``forward`` is ``reference_forward``.
+* ``forward`` on a GPU: under ``torch.compile`` with one row, ``one_row_forward``, the
+  multiply-and-sum of each format written out (Inductor compiles it into a Triton reduction
+  that converts the integers as it reads them); otherwise ``reference_forward``.
 
 The int4 kernel wants the weights in its own layout, which depends on the CPU's vector
 instructions; :class:`Int4Linear` keeps that copy beside the portable packed one
@@ -278,20 +281,28 @@ class Int8Linear(_QuantizedLinear):
         """The float weight ``(out, in)`` this layer computes with: ``scales[:, None] * qweight``."""
         return dequantize_int8(self.qweight, self.scales)
 
+    def one_row_forward(self, x: Tensor) -> Tensor:
+        """One input row (decoding) as a multiply-and-sum over the int8 matrix, on any device.
+
+        Compiled, Inductor turns it into one loop (a C++ loop on a CPU, a Triton reduction on a
+        GPU) that converts each int8 to ``x``'s dtype as it reads it: 1 byte per weight read,
+        no float copy of the matrix. The scale is the same along a row, so it multiplies the
+        sum, not every weight.
+        """
+        if x.numel() != x.size(-1):
+            raise ValueError(f"one_row_forward takes one row, got an input of shape {tuple(x.shape)}")
+        y = (self.qweight * x.reshape(1, -1)).sum(-1) * self.scales  # (out,)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
+        if _compiling() and x.numel() == x.size(-1):
+            # Not the int8 kernel: on a CPU Inductor's loop reads a matrix faster, and Inductor
+            # (torch 2.13) fails to lower the kernel when its scales are computed in the graph.
+            return self.one_row_forward(x)
+        if x.device.type != "cpu" or _compiling():  # a GPU, or several rows (a prompt) compiled
             return self.reference_forward(x)
-        if _compiling():
-            # Not the int8 kernel: on this machine Inductor's loop below reads a matrix faster, and
-            # Inductor (torch 2.13) fails to lower the kernel when its scales are computed in the graph.
-            if x.numel() != x.size(-1):  # several rows (a prompt)
-                return self.reference_forward(x)
-            # One row: Inductor's loop reads each int8 once. The scale is the same along a row,
-            # so it multiplies the sum, not every weight.
-            y = (self.qweight * x.reshape(1, -1)).sum(-1) * self.scales  # (out,)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], -1)
         if HAS_INT8_KERNEL and self.in_features % 16 == 0:  # other widths crash the kernel
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (B*T, in)
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.to(torch.bfloat16))
@@ -364,8 +375,32 @@ class Int4Linear(_QuantizedLinear):
         """The float weight ``(out, in)`` this layer computes with: ``q * scale + min`` per group."""
         return dequantize_int4(self.qweight, self.scales, self.mins)
 
+    def one_row_forward(self, x: Tensor) -> Tensor:
+        """One input row (decoding) as a multiply-and-sum over the packed matrix, on any device.
+
+        Per group ``g`` of inputs: ``sum_i (q_i * scale + min) * x_i = scale * sum_i q_i x_i +
+        min * sum_i x_i``, so the scale multiplies one sum per group and the minimum multiplies
+        the group's sum of ``x``. Compiled for a GPU, Inductor makes it a Triton reduction that
+        unpacks the 4-bit values as it reads them (half a byte per weight read). On a CPU,
+        :meth:`forward` uses PyTorch's int4 kernel instead, which is faster there.
+        """
+        if x.numel() != x.size(-1):
+            raise ValueError(f"one_row_forward takes one row, got an input of shape {tuple(x.shape)}")
+        G = self.scales.size(-1)
+        q = unpack_int4(self.qweight).view(self.out_features, G, -1)  # (out, G, g), 0 .. 15
+        xg = x.reshape(G, -1)  # (G, g)
+        dots = (q.to(x.dtype) * xg).sum(-1)  # (out, G): sum_i q_i x_i per group
+        y = (dots * self.scales).sum(-1) + (self.mins * xg.sum(-1)).sum(-1)  # (out,)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel_weight is None or x.device.type != "cpu":
+        if x.device.type != "cpu":
+            if _compiling() and x.numel() == x.size(-1):
+                return self.one_row_forward(x)
+            return self.reference_forward(x)
+        if self.kernel_weight is None:
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (B*T, in)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
