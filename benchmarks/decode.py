@@ -239,7 +239,7 @@ def time_llama_cpp_rows(model: Llama, args: argparse.Namespace, reference_second
         return
     with tempfile.TemporaryDirectory() as directory:
         rates = llamacpp_bench.time_llama_cpp(model, directory, new_tokens=args.new_tokens,
-                                         threads=torch.get_num_threads(), repeats=args.repeats)
+                                              threads=torch.get_num_threads(), repeats=args.repeats)
     for fmt, (rate, per_token) in rates.items():
         gbps = per_token * rate / 1e9
         print(f"{'llama.cpp ' + fmt + ' (bench)':26s} {rate:9.1f} {rate * reference_seconds / args.new_tokens:6.2f}x "
