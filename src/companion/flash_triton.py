@@ -72,7 +72,8 @@ def _forward_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_q = tl.program_id(0)  # which query tile
-    pid_bh = tl.program_id(1)  # which (batch, query head)
+    # int64: b * stride_b overflows 32 bits once B * H * T * D reaches 2**31
+    pid_bh = tl.program_id(1).to(tl.int64)  # which (batch, query head)
     b = pid_bh // H
     h = pid_bh % H
     kv = h // G  # the key/value head this query head reads: no copy per query head
@@ -137,7 +138,7 @@ def _backward_dk_dv_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_k = tl.program_id(0)  # which key tile
-    pid_bk = tl.program_id(1)  # which (batch, key/value head)
+    pid_bk = tl.program_id(1).to(tl.int64)  # which (batch, key/value head); int64 as above
     b = pid_bk // KH
     kv = pid_bk % KH
     offset = T_k - T_q
@@ -202,7 +203,7 @@ def _backward_dq_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     kv = h // G
