@@ -184,7 +184,8 @@ def test_dequantize_gives_a_float_layer_with_exactly_the_dequantized_weight(sche
 
 @needs_int8_kernel
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_kernel_agrees_with_the_reference_within_bfloat16_rounding(bias):
+def test_int8_kernel_agrees_with_the_reference_within_bfloat16_rounding(bias, monkeypatch):
+    monkeypatch.setattr(Q.cpu_kernels, "enabled", False)  # PyTorch's kernel (tests/test_cpu_kernels.py: ours)
     _, layer = layer_pair("int8", bias=bias)
     x = torch.randn(2, 5, 128)
     fast, reference = layer(x), layer.reference_forward(x)
@@ -196,7 +197,8 @@ def test_int8_kernel_agrees_with_the_reference_within_bfloat16_rounding(bias):
 @needs_int4_kernel
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int4_kernel_agrees_with_the_reference_within_bfloat16_rounding(group_size, bias):
+def test_int4_kernel_agrees_with_the_reference_within_bfloat16_rounding(group_size, bias, monkeypatch):
+    monkeypatch.setattr(Q.cpu_kernels, "enabled", False)  # PyTorch's kernel (tests/test_cpu_kernels.py: ours)
     _, layer = layer_pair("int4", group_size, bias=bias)
     assert layer.kernel_weight is not None
     x = torch.randn(2, 5, 128)
@@ -209,6 +211,7 @@ def test_int4_kernel_agrees_with_the_reference_within_bfloat16_rounding(group_si
 def test_without_the_kernels_forward_is_the_reference(monkeypatch):
     monkeypatch.setattr(Q, "HAS_INT8_KERNEL", False)
     monkeypatch.setattr(Q, "HAS_INT4_KERNEL", False)
+    monkeypatch.setattr(Q.cpu_kernels, "enabled", False)  # nor companion's own
     x = torch.randn(4, 128)
     for scheme in ["int8", "int4"]:
         _, layer = layer_pair(scheme)
@@ -297,6 +300,7 @@ def test_dequantized_model_gives_the_quantized_models_reference_logits(scheme, g
     float_model = dequantize(copy.deepcopy(model))
     assert not any(isinstance(m, Q.QUANTIZED) for m in float_model.modules())
     monkeypatch.setattr(Q, "HAS_INT8_KERNEL", False)  # the quantized model on its reference path
+    monkeypatch.setattr(Q.cpu_kernels, "enabled", False)
     for m in model.modules():
         if isinstance(m, Int4Linear):
             monkeypatch.setattr(m, "kernel_weight", None)

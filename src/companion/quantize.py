@@ -37,24 +37,29 @@ Two ways to run each layer, which tests check against each other:
 
 * ``reference_forward``: dequantize the whole matrix, then ``F.linear``. Readable, exact in
   the model's dtype, and slow (it writes a float copy of the matrix every call).
-* ``forward``, the fast path, on a CPU. :class:`Int8Linear`, under ``torch.compile`` with one
-  row (decoding): the multiply-and-sum of :class:`companion.layers.Linear` on the int8
-  matrix; Inductor converts each int8 to float inside the loop that reads it, so the loop
-  streams 1 byte per weight instead of 4, in float32 (compiled with several rows, a
-  prompt: the reference path). In eager mode, PyTorch's weight-only kernel
-  ``aten._weight_int8pack_mm``. :class:`Int4Linear`, eager and compiled:
-  ``aten._weight_int4pack_mm_for_cpu``. Both kernels take bfloat16 activations, so their
-  results differ from the reference by bfloat16 rounding (2 to 3 significant digits; the
-  tests state the bound). Where a kernel is missing (an older PyTorch) or cannot take the
-  shape, ``forward`` is ``reference_forward``.
+* ``forward``, the fast path, on a CPU. With up to ``cpu_kernels.MAX_ROWS`` (64) rows
+  (decoding, a short prompt), eager or compiled: the C kernels of :mod:`companion.cpu_kernels`
+  (``torch.ops.companion.int8_gemv`` and ``int4_gemv``), which round each row to integers and
+  multiply integers by integers, as llama.cpp does; int8 rounds it to int16 (about 3e-5 of the
+  output, relative), int4 to int8 per group (about 0.5%). Where they are not available (no C
+  compiler, no x86 with AVX2, ``COMPANION_NO_C_KERNELS`` set, ``cpu_kernels.enabled`` False),
+  or for an int8 width that is not a multiple of 256 or a float64 model: :class:`Int8Linear`,
+  compiled, the multiply-and-sum of :class:`companion.layers.Linear` on the int8 matrix, which
+  Inductor turns into one loop streaming 1 byte per weight; eager, PyTorch's weight-only
+  kernel ``aten._weight_int8pack_mm``; :class:`Int4Linear`, ``aten._weight_int4pack_mm_for_cpu``.
+  With more rows: those two PyTorch kernels eager, and for int8 the reference path compiled.
+  PyTorch's kernels take bfloat16 activations, so their results differ from the reference by
+  bfloat16 rounding (2 to 3 significant digits; the tests state the bound).
+  Where a kernel is missing (an older PyTorch) or cannot take the shape, ``forward`` is
+  ``reference_forward``.
 * ``forward`` on a GPU: under ``torch.compile`` with one row, ``one_row_forward``, the
   multiply-and-sum of each format written out, which Inductor compiles into Triton reductions
   over the integer matrix (no float copy of it); otherwise ``reference_forward``.
 
-The int4 kernel wants the weights in its own layout, which depends on the CPU's vector
-instructions; :class:`Int4Linear` keeps that copy beside the portable packed one
-(``state_dict`` holds only the portable one), so in memory an int4 layer takes one byte per
-weight, and half a byte in a file.
+The int4 kernels want the weights in their own layouts, which depend on the CPU's vector
+instructions; :class:`Int4Linear` keeps those copies beside the portable packed one
+(``state_dict`` holds only the portable one), so in memory an int4 layer takes about 1.6 bytes
+per weight, and half a byte in a file. The int8 C kernel reads the layer's own buffers.
 
 Saving: :func:`save_quantized` writes ``config.json`` (with a ``quantization_config``) and
 ``model.safetensors``; ``Llama.from_pretrained`` (and Mistral's and Phi's) loads such a
@@ -72,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from companion import cpu_kernels
 from companion.checkpoint import (Checkpoint, CheckpointError, check_tensors, hf_to_ours, ours_to_hf, save_pretrained,
                                   tied_embeddings)
 from companion.layers import Linear, _compiling
@@ -267,6 +273,8 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
                                 if bias else None)
+        # whether one row on a CPU goes to the C kernel (decided once: forward must stay cheap)
+        self.c_kernel = in_features % cpu_kernels.INT8_GROUP == 0 and cpu_kernels.available()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -297,8 +305,12 @@ class Int8Linear(_QuantizedLinear):
         return y.view(*x.shape[:-1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if (self.c_kernel and cpu_kernels.enabled and x.device.type == "cpu" and x.dtype != torch.float64
+                and x.numel() <= cpu_kernels.MAX_ROWS * x.size(-1)):  # decoding, a short prompt: eager and compiled
+            y = torch.ops.companion.int8_gemv(self.qweight, self.scales, x).to(x.dtype)  # (..., out)
+            return y if self.bias is None else y + self.bias
         if _compiling() and x.numel() == x.size(-1):
-            # Not the int8 kernel: on a CPU Inductor's loop reads a matrix faster, and Inductor
+            # Not PyTorch's int8 kernel: on a CPU Inductor's loop reads a matrix faster, and Inductor
             # (torch 2.13) fails to lower the kernel when its scales are computed in the graph.
             return self.one_row_forward(x)
         if x.device.type != "cpu" or _compiling():  # a GPU, or several rows (a prompt) compiled
@@ -341,6 +353,7 @@ class Int4Linear(_QuantizedLinear):
                                 if bias else None)
         self.register_buffer("kernel_weight", None, persistent=False)
         self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
+        self.register_buffer("gemv_weight", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> "Int4Linear":
@@ -354,15 +367,25 @@ class Int4Linear(_QuantizedLinear):
         return layer
 
     def pack_for_kernel(self) -> None:
-        """Rebuild the kernel's copy of the weights; call it after changing the buffers in place.
+        """Rebuild the kernels' copies of the weights; call it after changing the buffers in place.
 
-        The kernel computes ``(q - 8) * scale + zero``, so its zero is ``min + 8 * scale``,
-        and it reads scales and zeros as bfloat16 ``(in/group_size, out, 2)``.
+        ``gemv_weight``: the layout of the C kernel for one row (:func:`companion.cpu_kernels.pack_int4`),
+        where it is available and float16 holds the scales and minimums. ``kernel_weight``:
+        PyTorch's kernel, which computes ``(q - 8) * scale + zero``, so its zero is ``min + 8 *
+        scale``, and it reads scales and zeros as bfloat16 ``(in/group_size, out, 2)``.
         """
-        if not (HAS_INT4_KERNEL and self.qweight.device.type == "cpu" and self.out_features % 16 == 0):
+        self.gemv_weight = None
+        if not (self.qweight.device.type == "cpu" and self.out_features % 16 == 0):
             self.kernel_weight = self.kernel_scales_and_zeros = None
             return
-        q = unpack_int4(self.qweight).to(torch.int32)  # (out, in), 0 .. 15
+        q = unpack_int4(self.qweight)  # (out, in), 0 .. 15
+        if (cpu_kernels.available() and cpu_kernels.fits_float16(self.scales)
+                and cpu_kernels.fits_float16(self.mins)):
+            self.gemv_weight = cpu_kernels.pack_int4(q, self.scales, self.mins, self.group_size)
+        if not HAS_INT4_KERNEL:
+            self.kernel_weight = self.kernel_scales_and_zeros = None
+            return
+        q = q.to(torch.int32)
         self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         zeros = self.mins.float() + 8 * self.scales.float()
         self.kernel_scales_and_zeros = torch.stack((self.scales.float().t(), zeros.t()), dim=-1).to(torch.bfloat16)
@@ -401,6 +424,10 @@ class Int4Linear(_QuantizedLinear):
             if _compiling() and x.numel() == x.size(-1):
                 return self.one_row_forward(x)
             return self.reference_forward(x)
+        if (self.gemv_weight is not None and cpu_kernels.enabled and x.dtype != torch.float64
+                and x.numel() <= cpu_kernels.MAX_ROWS * x.size(-1)):  # decoding, a short prompt: eager and compiled
+            y = torch.ops.companion.int4_gemv(self.gemv_weight, x, self.out_features, self.group_size).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if self.kernel_weight is None:
             return self.reference_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (B*T, in)
