@@ -17,7 +17,10 @@ Each run times Hugging Face ``generate`` (with its dynamic cache, and with
 :func:`companion.generation.static_cache.compile_step` (on a CPU, tens of seconds of compilation first, not
 counted; ``--no-compile`` skips it). ``--quant int8 int4`` adds our weight-only quantized
 models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
-the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights:
+the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights.
+On a CPU where the C kernels of :mod:`companion.cpu_kernels` run, each of our quantized
+models is timed twice: with them, and with what the layers use without them ("no C kernel":
+PyTorch's int4 kernel; for int8, Inductor's loop over the int8 matrix):
 
     .venv/bin/python benchmarks/decode.py --quant int8 int4
 
@@ -107,7 +110,11 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     seen, total = set(), 0
     for module_name, module in model.named_modules():
         tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
-        if getattr(module, "kernel_weight", None) is not None:  # Int4Linear: the step reads the kernel's copy
+        # Int4Linear: a step reads the copy of the kernel it uses (C, else PyTorch's), not the others
+        if getattr(module, "gemv_weight", None) is not None:
+            skip = ("qweight", "scales", "mins", "kernel_weight", "kernel_scales_and_zeros")
+            tensors = {k: v for k, v in tensors.items() if k not in skip}
+        elif getattr(module, "kernel_weight", None) is not None:
             tensors = {k: v for k, v in tensors.items() if k not in ("qweight", "scales", "mins")}
         for name, t in tensors.items():
             if t is None or id(t) in seen or "cache" in module_name or name in ("k", "v", "slot_pos"):
@@ -115,6 +122,19 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
             seen.add(id(t))
             total += nbytes(t) // (t.size(0) if "embed" in module_name else 1)
     return total
+
+
+def without_c_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a quantized model whose layers use PyTorch's kernels, not :mod:`companion.cpu_kernels`."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "gemv_weight"):
+            module.gemv_weight = None
+        if hasattr(module, "c_kernel"):
+            module.c_kernel = False
+    return model
 
 
 def torchao_int8(hf: torch.nn.Module) -> torch.nn.Module:
@@ -193,13 +213,18 @@ def main() -> None:
     for scheme in args.quant:
         import copy
 
+        from companion import cpu_kernels
         from companion.quantize import quantize_
 
         quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
-        name = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "") + ", compiled"
-        qstep = compile_step(quantized)
-        models[name] = quantized
-        runners[name] = lambda m=quantized, s=qstep: decode(m, prompt, n, max_seq_len=max_len, step=s)
+        label = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "")
+        variants = {f"{label}, compiled": quantized}
+        if device.type == "cpu" and cpu_kernels.available():  # ours with PyTorch's kernels, side by side
+            variants[f"{label}, no C kernel"] = without_c_kernels(quantized)
+        for name, model in variants.items():
+            qstep = compile_step(model)
+            models[name] = model
+            runners[name] = lambda m=model, s=qstep: decode(m, prompt, n, max_seq_len=max_len, step=s)
         if scheme == "int8":
             ao = torchao_int8(hf)
             ao.forward = torch.compile(ao.forward, fullgraph=True)
@@ -208,14 +233,14 @@ def main() -> None:
     runs = interleaved(runners, device, args.repeats)
 
     reference_tokens, reference_seconds = runs["transformers generate"]
-    print(f"\n{'':26s} {'tokens/s':>9s} {'vs HF':>7s} {'GB/token':>9s} {'GB/s':>7s} {'of bw':>6s}"
+    print(f"\n{'':28s} {'tokens/s':>9s} {'vs HF':>7s} {'GB/token':>9s} {'GB/s':>7s} {'of bw':>6s}"
           f"  tokens as HF {str(dtype).removeprefix('torch.')}")
     for name, (tokens, seconds) in runs.items():
         rate = n / seconds
         per_token = weight_bytes_read(models[name])
         gbps = per_token * rate / 1e9
         same = (tokens.cpu()[:, args.prompt_len:] == reference_tokens.cpu()[:, args.prompt_len:]).float().mean()
-        print(f"{name:26s} {rate:9.1f} {reference_seconds / seconds:6.2f}x {per_token / 1e9:9.3f} "
+        print(f"{name:28s} {rate:9.1f} {reference_seconds / seconds:6.2f}x {per_token / 1e9:9.3f} "
               f"{gbps:7.1f} {gbps / peak:6.0%}  {same:.0%} the same")
     if device.type == "cpu" and args.llama_cpp is not False:
         time_llama_cpp_rows(ours, args, reference_seconds, peak)
@@ -242,7 +267,7 @@ def time_llama_cpp_rows(model: Llama, args: argparse.Namespace, reference_second
                                               threads=torch.get_num_threads(), repeats=args.repeats)
     for fmt, (rate, per_token) in rates.items():
         gbps = per_token * rate / 1e9
-        print(f"{'llama.cpp ' + fmt + ' (bench)':26s} {rate:9.1f} {rate * reference_seconds / args.new_tokens:6.2f}x "
+        print(f"{'llama.cpp ' + fmt + ' (bench)':28s} {rate:9.1f} {rate * reference_seconds / args.new_tokens:6.2f}x "
               f"{per_token / 1e9:9.3f} {gbps:7.1f} {gbps / peak:6.0%}  (no prompt; its own process)")
 
 
