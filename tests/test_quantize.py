@@ -4,6 +4,8 @@ torchao's int8 integers against ours, and quantized checkpoints saved and loaded
 import copy
 import json
 import pickle
+import platform
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -274,6 +276,14 @@ def test_one_row_forward_is_the_reference_summed_in_another_order(scheme, group_
                                rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"one_row_forward takes one row, got an input of shape \(2, 128\)"):
         layer.one_row_forward(torch.randn(2, 128))
+
+
+def test_the_c_kernels_are_available_where_they_should_be():
+    """On x86 Linux with C and C++ compilers they must build: a silent fallback would hide a bug
+    (tests/test_cpu_kernels.py skips itself where they are not available)."""
+    compilers = (shutil.which("cc") or shutil.which("gcc")) and (shutil.which("c++") or shutil.which("g++"))
+    if platform.system() == "Linux" and compilers and Q.cpu_kernels.variant() is not None:
+        assert Q.cpu_kernels.available(), Q.cpu_kernels.unavailable_reason()
 
 
 # ---- whole models --------------------------------------------------------------------------------

@@ -86,17 +86,35 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-/* The largest |x_i| of n floats (n a multiple of 16): exact, whatever the order. */
+/* The largest |x_i| of n floats (n a multiple of 16): exact, whatever the order; NaN if any
+   x_i is NaN (max_ps alone would drop it). */
 static float absmax(const float* x, int64_t n) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan)) return NAN;
   float v[8], r = 0.0f;
   _mm256_storeu_ps(v, m);
   for (int j = 0; j < 8; j++) r = v[j] > r ? v[j] : r;
   return r;
 }
+
+/* levels / amax, or 0 where that is not a finite number (a group of zeros, of infinities or
+   NaNs, or so small that the division overflows): the group's integers are then all 0, and
+   its step d = amax / levels carries a NaN or an infinity into the result as it should. */
+static float inverse_step(float levels, float amax) {
+  const float inv = levels / amax;
+  return isfinite(inv) ? inv : 0.0f;
+}
+
+/* 4 int8 inputs as one int32 (memcpy: no aliasing of int8 storage through an int32 pointer). */
+static inline int32_t four_bytes(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 /* x * inv rounded to the nearest integer, ties to even (the processor's default rounding, as
    lrintf and torch.round), for 8 floats at a time. */
@@ -107,7 +125,7 @@ static inline __m256i round8(const float* x, __m256 inv) { return _mm256_cvtps_e
 static void round_int8(const float* x, int8_t* xq, float* d, float* s, int64_t K, int64_t gs) {
   for (int64_t g = 0; g < K / gs; g++) {
     const float amax = absmax(x + g * gs, gs);
-    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m256 inv = _mm256_set1_ps(inverse_step(127.0f, amax));
     int32_t sum = 0, q[8];
     for (int64_t i = g * gs; i < (g + 1) * gs; i += 8) {
       _mm256_storeu_si256((__m256i*)q, round8(x + i, inv));
@@ -122,7 +140,7 @@ static void round_int8(const float* x, int8_t* xq, float* d, float* s, int64_t K
 static void round_int16(const float* x, int16_t* xq, float* d, int64_t K, int64_t gs) {
   for (int64_t g = 0; g < K / gs; g++) {
     const float amax = absmax(x + g * gs, gs);
-    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    const __m256 inv = _mm256_set1_ps(inverse_step(32767.0f, amax));
     for (int64_t i = g * gs; i < (g + 1) * gs; i += 16) {  /* two rows of 8 int32, packed to 16 int16 in order */
       const __m256i a = round8(x + i, inv), b = round8(x + i + 8, inv);
       _mm256_storeu_si256((__m256i*)(xq + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
@@ -157,14 +175,14 @@ void int4_gemv(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N,
 #endif
     __m512 yv = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++, p += group_bytes) {
-      const int32_t* xp = (const int32_t*)(xq + g * gs);  /* 4 int8 inputs at a time */
+      const int8_t* xp = xq + g * gs;
       __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
       for (int64_t c = 0; c < chunks; c++) {
         _mm_prefetch((const char*)(p + c * 64 + PREFETCH4), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(p + c * 64);
         const __m512i lo = _mm512_and_si512(v, low4);                          /* inputs 8c + 0..3 */
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);    /* inputs 8c + 4..7 */
-        const __m512i xa = _mm512_set1_epi32(xp[2 * c]), xb = _mm512_set1_epi32(xp[2 * c + 1]);
+        const __m512i xa = _mm512_set1_epi32(four_bytes(xp + 8 * c)), xb = _mm512_set1_epi32(four_bytes(xp + 8 * c + 4));
 #ifdef __AVX512VNNI__
         a0 = _mm512_dpbusd_epi32(a0, lo, xa);
         a1 = _mm512_dpbusd_epi32(a1, hi, xb);
@@ -184,13 +202,13 @@ void int4_gemv(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N,
     const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++, p += group_bytes) {
-      const int32_t* xp = (const int32_t*)(xq + g * gs);
+      const int8_t* xp = xq + g * gs;
       __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();  /* rows 0-7, rows 8-15 */
       for (int64_t c = 0; c < chunks; c++) {
         _mm_prefetch((const char*)(p + c * 64 + PREFETCH4), _MM_HINT_T0);
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)(p + c * 64));
         const __m256i v1 = _mm256_loadu_si256((const __m256i*)(p + c * 64 + 32));
-        const __m256i xa = _mm256_set1_epi32(xp[2 * c]), xb = _mm256_set1_epi32(xp[2 * c + 1]);
+        const __m256i xa = _mm256_set1_epi32(four_bytes(xp + 8 * c)), xb = _mm256_set1_epi32(four_bytes(xp + 8 * c + 4));
 #define DOT(acc, bytes, xv) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, xv), ones))
         DOT(a0, _mm256_and_si256(v0, low4), xa);
         DOT(a0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), xb);
@@ -299,8 +317,9 @@ static at::Tensor int4_gemv(const at::Tensor& packed, const at::Tensor& x, int64
               packed.sizes());
   TORCH_CHECK(x.device().is_cpu() && x.is_floating_point() && x.dim() >= 1, "x must be floating point on the CPU");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t K = packed.size(1) * group_size, M = xf.numel() / K;
-  TORCH_CHECK(xf.size(-1) == K, "x has ", xf.size(-1), " inputs per row; the matrix has ", K);
+  const int64_t K = packed.size(1) * group_size;
+  TORCH_CHECK(K > 0 && xf.size(-1) == K, "x has ", xf.size(-1), " inputs per row; the matrix has ", K);
+  const int64_t M = xf.numel() / K;
   std::vector<int64_t> shape(xf.sizes().begin(), xf.sizes().end());
   shape.back() = out_features;
   at::Tensor y = at::empty(shape, xf.options());
@@ -317,8 +336,9 @@ static at::Tensor int8_gemv(const at::Tensor& qweight, const at::Tensor& scales,
   TORCH_CHECK(s.numel() == qweight.size(0), "scales has ", s.numel(), " elements for ", qweight.size(0), " rows");
   TORCH_CHECK(x.device().is_cpu() && x.is_floating_point() && x.dim() >= 1, "x must be floating point on the CPU");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t N = qweight.size(0), K = qweight.size(1), M = xf.numel() / K;
-  TORCH_CHECK(xf.size(-1) == K, "x has ", xf.size(-1), " inputs per row; the matrix has ", K);
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(K > 0 && xf.size(-1) == K, "x has ", xf.size(-1), " inputs per row; the matrix has ", K);
+  const int64_t M = xf.numel() / K;
   std::vector<int64_t> shape(xf.sizes().begin(), xf.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty(shape, xf.options());
@@ -548,7 +568,8 @@ def int4_gemv_reference(q: Tensor, scales: Tensor, mins: Tensor, x: Tensor, grou
     N, K = q.shape
     xg = x.float().reshape(K // group_size, group_size)  # (G, g)
     amax = xg.abs().amax(-1)  # (G,)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = 127.0 / amax
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))  # zeros, NaN, overflow: as the kernel
     xq = torch.round(xg * inv[:, None]).to(torch.int32)  # (G, g): -127 .. 127, ties to even as lrintf
     step = amax / 127.0  # d_g
     dots = (q.to(torch.int32).view(N, -1, group_size) * xq).sum(-1)  # (out, G): exact
@@ -561,7 +582,8 @@ def int8_gemv_reference(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     N, K = qweight.shape
     xg = x.float().reshape(K // INT8_GROUP, INT8_GROUP)
     amax = xg.abs().amax(-1)
-    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    inv = 32767.0 / amax
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
     xq = torch.round(xg * inv[:, None]).to(torch.int64)  # (G, 256)
     dots = (qweight.to(torch.int64).view(N, -1, INT8_GROUP) * xq).sum(-1)  # (out, G): exact
     return scales.float() * ((amax / 32767.0) * dots.float()).sum(-1)

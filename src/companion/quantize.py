@@ -276,6 +276,10 @@ class Int8Linear(_QuantizedLinear):
         # whether one row on a CPU goes to the C kernel (decided once: forward must stay cheap)
         self.c_kernel = in_features % cpu_kernels.INT8_GROUP == 0 and cpu_kernels.available()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.c_kernel = self.c_kernel and cpu_kernels.available()  # a copy unpickled in another process
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         """Quantize ``linear``'s weight (:func:`quantize_int8`); the bias is copied as it is."""
@@ -393,6 +397,11 @@ class Int4Linear(_QuantizedLinear):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.pack_for_kernel()  # load_state_dict changed the buffers
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.gemv_weight is not None and not cpu_kernels.available():  # unpickled where they do not run
+            self.gemv_weight = None
 
     def dequantize_weight(self) -> Tensor:
         """The float weight ``(out, in)`` this layer computes with: ``q * scale + min`` per group."""
