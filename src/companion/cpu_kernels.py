@@ -76,7 +76,8 @@ __all__ = ["INT8_GROUP", "MAX_ROWS", "ROWS_PER_BLOCK", "available", "enabled", "
 # for measuring them against PyTorch's kernels in one process.
 enabled = True
 # companion.quantize's layers call these kernels for up to this many rows of input (decoding,
-# a short prompt); beyond it, PyTorch's kernels, whose matrix-matrix products win there.
+# a short prompt); longer prompts keep PyTorch's kernels, against which these were measured
+# only up to 256 rows.
 MAX_ROWS = 64
 ROWS_PER_BLOCK = 16  # int4: output rows per block of the layout
 INT8_GROUP = 256  # int8: inputs per step of the rounded row
