@@ -112,6 +112,13 @@ HAS_INT4_KERNEL = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
                    and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 
 
+def _c_kernel_takes(x: Tensor) -> bool:
+    """Whether a layer whose weights the C kernels can read sends ``x`` to them (eager and
+    compiled): the switch is on, at most ``cpu_kernels.MAX_ROWS`` rows (decoding, a short
+    prompt), and not float64, which asks for more than float32 sums."""
+    return cpu_kernels.enabled and x.dtype != torch.float64 and x.numel() <= cpu_kernels.MAX_ROWS * x.size(-1)
+
+
 # ---- the formats, as pure functions --------------------------------------------------------
 
 
@@ -273,7 +280,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
                                 if bias else None)
-        # whether one row on a CPU goes to the C kernel (decided once: forward must stay cheap)
+        # whether rows on a CPU may go to the C kernel (decided once: forward must stay cheap)
         self.c_kernel = in_features % cpu_kernels.INT8_GROUP == 0 and cpu_kernels.available()
 
     def __setstate__(self, state: dict) -> None:
@@ -309,8 +316,7 @@ class Int8Linear(_QuantizedLinear):
         return y.view(*x.shape[:-1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.c_kernel and cpu_kernels.enabled and x.device.type == "cpu" and x.dtype != torch.float64
-                and x.numel() <= cpu_kernels.MAX_ROWS * x.size(-1)):  # decoding, a short prompt: eager and compiled
+        if self.c_kernel and x.device.type == "cpu" and _c_kernel_takes(x):
             y = torch.ops.companion.int8_gemv(self.qweight, self.scales, x).to(x.dtype)  # (..., out)
             return y if self.bias is None else y + self.bias
         if _compiling() and x.numel() == x.size(-1):
@@ -373,7 +379,7 @@ class Int4Linear(_QuantizedLinear):
     def pack_for_kernel(self) -> None:
         """Rebuild the kernels' copies of the weights; call it after changing the buffers in place.
 
-        ``gemv_weight``: the layout of the C kernel for one row (:func:`companion.cpu_kernels.pack_int4`),
+        ``gemv_weight``: the layout of the C kernel for a few rows (:func:`companion.cpu_kernels.pack_int4`),
         where it is available and float16 holds the scales and minimums. ``kernel_weight``:
         PyTorch's kernel, which computes ``(q - 8) * scale + zero``, so its zero is ``min + 8 *
         scale``, and it reads scales and zeros as bfloat16 ``(in/group_size, out, 2)``.
@@ -433,8 +439,7 @@ class Int4Linear(_QuantizedLinear):
             if _compiling() and x.numel() == x.size(-1):
                 return self.one_row_forward(x)
             return self.reference_forward(x)
-        if (self.gemv_weight is not None and cpu_kernels.enabled and x.dtype != torch.float64
-                and x.numel() <= cpu_kernels.MAX_ROWS * x.size(-1)):  # decoding, a short prompt: eager and compiled
+        if self.gemv_weight is not None and _c_kernel_takes(x):
             y = torch.ops.companion.int4_gemv(self.gemv_weight, x, self.out_features, self.group_size).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.kernel_weight is None:
