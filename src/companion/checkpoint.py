@@ -390,8 +390,17 @@ def load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     return model
 
 
+def _refuse_fused(model: nn.Module) -> None:
+    """Checkpoints keep Hugging Face's separate matrices: a ValueError for a model whose projections are stacked."""
+    for name, module in model.named_modules():
+        if hasattr(module, "qkv_proj") or hasattr(module, "gate_up_proj"):
+            raise ValueError(f"{name} holds fused projections (companion.fusion.fuse_projections), which Hugging "
+                             "Face's names do not describe: call companion.fusion.unfuse_projections(model) first")
+
+
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Our model's weights under Hugging Face's names (the tensors are shared, not copied)."""
+    _refuse_fused(model)
     return {ours_to_hf(n): p for n, p in model.named_parameters()}
 
 
@@ -420,6 +429,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, extra_config: Ma
     kind = type(model).__name__
     if kind not in MODEL_TYPES or not hasattr(model, "config"):
         raise ValueError(f"save_pretrained saves Llama, Mistral or Phi models, not {kind}")
+    _refuse_fused(model)
     model_type, architecture = MODEL_TYPES[kind]
     config = {"architectures": [architecture], "model_type": model_type, **model.config.to_hf(), **(extra_config or {})}
     tensors = {ours_to_hf(name): t.detach().contiguous() for name, t in model.state_dict().items()}

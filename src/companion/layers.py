@@ -53,6 +53,7 @@ __all__ = [
     "kv_head_of",
     "check_cached_call",
     "positions_and_mask",
+    "project_qkv",
     "reuse_or_make_cache",
     "rope_cos_sin",
     "rope_inv_freq",
@@ -273,10 +274,29 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = getattr(self, "gate_up_proj", None)  # companion.fusion.fuse_projections: both in one matrix
+        if fused is not None:
+            gate, up = fused(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---- attention -------------------------------------------------------------------------------
+
+
+def project_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)``: the queries, keys and values of ``x``.
+
+    Where :func:`companion.fusion.fuse_projections` has merged the three matrices into one
+    ``attn.qkv_proj``, one product gives all three (split at ``attn.qkv_widths``): decoding
+    then makes one call per layer instead of three, and reads ``x`` once.
+    """
+    fused = getattr(attn, "qkv_proj", None)
+    if fused is None:
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = fused(x).split(attn.qkv_widths, dim=-1)
+    return q, k, v
 
 
 def kv_head_of(query_head: int, n_heads: int, n_kv_heads: int) -> int:

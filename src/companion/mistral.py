@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from companion import checkpoint
 from companion.layers import (KVCache, Linear, RMSNorm, RollingKVCache, SwiGLU, apply_rope, attention,
-                              check_cached_call, positions_and_mask, reuse_or_make_cache, rope_cos_sin,
+                              check_cached_call, positions_and_mask, project_qkv, reuse_or_make_cache, rope_cos_sin,
                               sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "Mistral", "MistralConfig", "count_parameters", "hf_tensor_shapes"]
@@ -194,9 +194,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = project_qkv(self, x)  # (B, T, H * D), (B, T, K * D), (B, T, K * D)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if positions is not None:  # decoding with the cache: store k, v, read every cached slot
             k, v = self.cache.update(k, v, positions)  # (B, K, S, D)

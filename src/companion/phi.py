@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from companion import checkpoint
 from companion.layers import (KVCache, Linear, apply_rope, attention, check_cached_call, positions_and_mask,
-                              reuse_or_make_cache, rope_cos_sin, sdpa_attention)
+                              project_qkv, reuse_or_make_cache, rope_cos_sin, sdpa_attention)
 
 __all__ = ["PRESETS", "Attention", "Block", "MLP", "Phi", "PhiConfig", "count_parameters", "hf_tensor_shapes"]
 
@@ -189,9 +189,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor | None) -> Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q, k, v = project_qkv(self, x)  # (B, T, C) each
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin are (T, R): first R features only
         if positions is not None:  # decoding with the cache: store k, v, read every cached slot
             k, v = self.cache.update(k, v, positions)  # (B, H, S, D)
