@@ -124,3 +124,10 @@ def test_eos_stops_each_row_as_generate_does(name):
     assert torch.equal(alone, free[1:2, : 4 + first + 1])
     padded = decode(model, prompt, 12, eos_token_id=eos, pad_token_id=0)
     assert padded[1, 4 + first + 1 :].eq(0).all() and padded[1, 4 + first] == eos
+
+
+def test_cpp_wrapper_is_an_option_of_inductor_only():
+    with pytest.raises(ValueError, match=r"cpp_wrapper=True is an option of the inductor backend.*backend='eager'"):
+        compile_step(random_model("llama"), backend="eager", cpp_wrapper=True)
+    with pytest.raises(ValueError, match=r"mode='max-autotune'"):
+        compile_step(random_model("llama"), mode="max-autotune", cpp_wrapper=True)
