@@ -15,7 +15,11 @@ reads every weight once (except the embedding table, of which it reads one row),
 Each run times Hugging Face ``generate`` (with its dynamic cache, and with
 ``cache_implementation="static"``), our eager loop and our loop with the step compiled by
 :func:`companion.generation.static_cache.compile_step` (on a CPU, tens of seconds of compilation first, not
-counted; ``--no-compile`` skips it). ``--quant int8 int4`` adds our weight-only quantized
+counted; ``--no-compile`` skips it). Our quantized models run with their projections fused
+(:func:`companion.fusion.fuse_projections`: q, k, v in one matrix, gate and up in another;
+``--no-fuse`` keeps them apart). The float32 model keeps them apart: fused, its compiled step
+was slower on a CPU (Inductor's loops; 21.3 against 24.5 tokens/s on the 2-core Xeon of
+``results/``). ``--quant int8 int4`` adds our weight-only quantized
 models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
 the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights.
 On a CPU where the C kernels of :mod:`companion.cpu_kernels` run, each of our quantized
@@ -168,6 +172,9 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", choices=["int8", "int4"], default=[],
                         help="also time our weight-only int8 and/or int4 models (compiled), and "
                              "torchao's int8 weight-only (bf16 activations, compiled) when int8 is asked")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="run our quantized models with fused projections (companion.fusion); "
+                             "--no-fuse keeps them apart")
     parser.add_argument("--group-size", type=int, default=64, help="group size of int4 (32, 64 or 128)")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                         help="also time llama.cpp (F32, Q8_0, Q4_0) on the same weights; default: when "
@@ -214,9 +221,12 @@ def main() -> None:
         import copy
 
         from companion import cpu_kernels
+        from companion.fusion import fuse_projections
         from companion.quantize import quantize_
 
         quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
+        if args.fuse:
+            fuse_projections(quantized)
         label = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "")
         variants = {f"{label}, compiled": quantized}
         if device.type == "cpu" and cpu_kernels.available():  # ours with PyTorch's kernels, side by side
@@ -247,7 +257,8 @@ def main() -> None:
     print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
           "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
           "single pass is included in the time. Quantized models are other models: their tokens may "
-          "differ from the float32 ones.")
+          "differ from the float32 ones." + (" Our quantized models run with fused projections (q, k, v in "
+                                              "one matrix; gate and up in another)." if args.fuse else ""))
 
 
 def time_llama_cpp_rows(model: Llama, args: argparse.Namespace, reference_seconds: float, peak: float) -> None:
