@@ -7,7 +7,7 @@ import torch
 from _tiny_models import random_model
 
 from companion import cpu_kernels
-from companion.checkpoint import hf_state_dict, save_pretrained
+from companion.checkpoint import hf_state_dict, load_hf_state_dict, save_pretrained
 from companion.device import plan_device
 from companion.fusion import concat_linears, fuse_projections, is_fused, split_linear, unfuse_projections
 from companion.generation.static_cache import compile_step, decode
@@ -48,17 +48,25 @@ def test_unfusing_gives_back_the_same_tensors(name):
     assert all(torch.equal(restored[k], original[k]) for k in original)
 
 
-def test_gradients_of_the_fused_matrices_are_the_separate_ones_stacked():
-    model = random_model("phi")  # biases too
+@pytest.mark.parametrize("name", ["llama", "phi"])  # phi: biases; llama: SwiGLU's gate and up
+def test_gradients_of_the_fused_matrices_are_the_separate_ones_stacked(name):
+    model = copy.deepcopy(random_model(name))
     fused = fused_copy(model)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
     for m in (model, fused):
         m.zero_grad()
         m(ids).logsumexp(-1).mean().backward()
-    attn, fattn = model.layers[0].self_attn, fused.layers[0].self_attn
-    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-    torch.testing.assert_close(fattn.qkv_proj.weight.grad, torch.cat([p.weight.grad for p in parts]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fattn.qkv_proj.bias.grad, torch.cat([p.bias.grad for p in parts]), rtol=1e-5, atol=1e-6)
+    pairs = []
+    for block, fblock in zip(model.layers, fused.layers):
+        attn, fattn = block.self_attn, fblock.self_attn
+        pairs.append((fattn.qkv_proj, (attn.q_proj, attn.k_proj, attn.v_proj)))
+        if name == "llama":
+            pairs.append((fblock.mlp.gate_up_proj, (block.mlp.gate_proj, block.mlp.up_proj)))
+    for stacked, parts in pairs:
+        for what in ("weight", "bias"):
+            if getattr(stacked, what) is not None:
+                torch.testing.assert_close(getattr(stacked, what).grad,
+                                           torch.cat([getattr(p, what).grad for p in parts]), rtol=1e-5, atol=1e-6)
 
 
 def kernel_llama():
@@ -100,6 +108,42 @@ def test_fused_quantized_layers_give_the_separate_layers_outputs(scheme):
 
 
 @needs_compile
+def test_a_fused_float_model_decodes_the_same_compiled():
+    """Linear's compiled one-row path, then split and chunk: the eager tokens."""
+    model = fused_copy(random_model("llama"))
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(6))
+    eager = decode(model, prompt, 8, max_seq_len=16)
+    assert torch.equal(decode(model, prompt, 8, max_seq_len=16, step=compile_step(model)), eager)
+
+
+def test_a_model_that_does_not_stack_is_left_as_it_was():
+    model = copy.deepcopy(random_model("llama"))
+    model.layers[1].self_attn.k_proj = Int8Linear.from_linear(model.layers[1].self_attn.k_proj)
+    before = model.state_dict()
+    with pytest.raises(TypeError, match=r"layers\[1\] is a Int8Linear"):
+        fuse_projections(model)
+    assert not is_fused(model) and list(model.state_dict()) == list(before)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_switched_off_kernels_stay_off_through_stacking_and_splitting(scheme):
+    model = quantize_(kernel_llama(), scheme, group_size=64)
+    attn = model.layers[0].self_attn
+    if scheme == "int8":
+        attn.k_proj.c_kernel = False
+    else:
+        attn.k_proj.gemv_weight = None
+    fuse_projections(model)
+    on = [m for m in model.modules() if getattr(m, "gemv_weight", None) is not None or getattr(m, "c_kernel", False)]
+    assert model.layers[0].self_attn.qkv_proj not in on  # one part was off: the stack is off
+    if cpu_kernels.available():
+        assert model.layers[1].self_attn.qkv_proj in on and model.layers[0].mlp.gate_up_proj in on
+    unfuse_projections(model)
+    assert not any(getattr(m, "gemv_weight", None) is not None or getattr(m, "c_kernel", False)
+                   for m in (model.layers[0].self_attn.q_proj, model.layers[0].self_attn.k_proj))
+
+
+@needs_compile
 def test_a_fused_int4_model_decodes_the_same_compiled():
     model = fuse_projections(quantize_(kernel_llama(), "int4", group_size=64))
     prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(4))
@@ -121,6 +165,8 @@ def test_checkpoints_refuse_a_fused_model(tmp_path):
         save_pretrained(model, tmp_path)
     with pytest.raises(ValueError, match="unfuse_projections"):
         hf_state_dict(model)
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        load_hf_state_dict(model, {}, {})
     assert not (tmp_path / "config.json").exists()
     save_pretrained(unfuse_projections(model), tmp_path)  # after unfusing it saves
     assert (tmp_path / "model.safetensors").exists()
@@ -142,6 +188,17 @@ def test_bad_stacks_are_refused():
         concat_linears([a, Linear(4, 2).double()])
     with pytest.raises(TypeError, match="cannot stack a ReLU"):
         concat_linears([a, torch.nn.ReLU()])
+
+    class Scaled(torch.nn.Linear):  # a subclass's own forward would be lost in the stack
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match="cannot stack a Scaled"):
+        concat_linears([a, Scaled(4, 2)])
+    frozen = Linear(4, 2)
+    frozen.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layers\[1\]\.weight\.requires_grad=False, layers\[0\]'s True"):
+        concat_linears([a, frozen])
     with pytest.raises(ValueError, match=r"widths=\(2, 2\) must be positive integers that add up to out_features=5"):
         split_linear(concat_linears([a, b]), (2, 2))
     with pytest.raises(ValueError, match="GPT has no attention of Llama, Mistral or Phi"):

@@ -382,6 +382,7 @@ def load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     For a tied model, Hugging Face's state dict also lists ``lm_head.weight``; it is the
     embedding, so it is skipped.
     """
+    _refuse_fused(model)
     shapes = {n: tuple(t.shape) for n, t in state_dict.items()}
     if "lm_head.weight" not in expected:
         shapes.pop("lm_head.weight", None)

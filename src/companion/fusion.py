@@ -57,12 +57,18 @@ ROWS = {Linear: ("weight",), Int8Linear: ("qweight", "scales"), Int4Linear: ("qw
 
 
 def _kind(layer: nn.Module) -> type:
-    for kind in (Int8Linear, Int4Linear):
-        if type(layer) is kind:
-            return kind
-    if isinstance(layer, nn.Linear):
-        return Linear
-    raise TypeError(f"cannot stack a {type(layer).__name__}: only Linear, Int8Linear and Int4Linear layers")
+    """``Linear`` (for ``nn.Linear`` too), ``Int8Linear`` or ``Int4Linear``; a TypeError for anything else,
+    subclasses included: their own behaviour would be lost in the stack."""
+    kinds = {nn.Linear: Linear, Linear: Linear, Int8Linear: Int8Linear, Int4Linear: Int4Linear}
+    if type(layer) not in kinds:
+        raise TypeError(f"cannot stack a {type(layer).__name__}: only Linear (or nn.Linear), Int8Linear and "
+                        "Int4Linear layers")
+    return kinds[type(layer)]
+
+
+def _uses_c_kernel(layer: nn.Module) -> bool:
+    """Whether a quantized layer may send rows to :mod:`companion.cpu_kernels` (a switch its owner can turn off)."""
+    return getattr(layer, "c_kernel", False) or getattr(layer, "gemv_weight", None) is not None
 
 
 def _empty_like(layer: nn.Module, kind: type, out_features: int) -> nn.Module:
@@ -77,8 +83,10 @@ def _empty_like(layer: nn.Module, kind: type, out_features: int) -> nn.Module:
                       device="meta")
 
 
-def _set_rows(layer: nn.Module, kind: type, tensors: dict[str, Tensor], bias: Tensor | None, like: nn.Module) -> nn.Module:
-    """Give ``layer`` its tensors; parameters are trainable where ``like``'s are."""
+def _set_rows(layer: nn.Module, kind: type, tensors: dict[str, Tensor], bias: Tensor | None, like: nn.Module,
+              c_kernel: bool) -> nn.Module:
+    """Give ``layer`` its tensors; parameters are trainable where ``like``'s are, and the C kernels
+    stay off where ``c_kernel`` is False (a layer whose kernels were switched off)."""
     for name, t in tensors.items():
         if kind is Linear:
             setattr(layer, name, nn.Parameter(t, requires_grad=like.weight.requires_grad))
@@ -87,6 +95,10 @@ def _set_rows(layer: nn.Module, kind: type, tensors: dict[str, Tensor], bias: Te
     layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=like.bias.requires_grad)
     if kind is Int4Linear:
         layer.pack_for_kernel()  # the kernels' copies, for the new rows
+        if not c_kernel:
+            layer.gemv_weight = None
+    elif kind is Int8Linear:
+        layer.c_kernel = layer.c_kernel and c_kernel
     return layer
 
 
@@ -119,6 +131,11 @@ def concat_linears(layers: list[nn.Module] | tuple[nn.Module, ...]) -> nn.Module
                              f"{'has no' if first.bias is None else 'has a'} bias: all or none must have one")
         if getattr(layer, "group_size", None) != getattr(first, "group_size", None):
             raise ValueError(f"layers[{i}] has group_size={layer.group_size}, layers[0] {first.group_size}")
+        for name in ("weight", "bias") if kind is Linear else ("bias",):
+            a, b = getattr(first, name), getattr(layer, name)
+            if a is not None and a.requires_grad != b.requires_grad:
+                raise ValueError(f"layers[{i}].{name}.requires_grad={b.requires_grad}, layers[0]'s "
+                                 f"{a.requires_grad}: one stacked tensor is trained or frozen as a whole")
         for name in ROWS[kind]:
             a, b = getattr(first, name), getattr(layer, name)
             if (a.dtype, a.device) != (b.dtype, b.device):
@@ -127,7 +144,8 @@ def concat_linears(layers: list[nn.Module] | tuple[nn.Module, ...]) -> nn.Module
     out = sum(layer.out_features for layer in layers)
     tensors = {name: torch.cat([getattr(layer, name).detach() for layer in layers]) for name in ROWS[kind]}
     bias = None if first.bias is None else torch.cat([layer.bias.detach() for layer in layers])
-    return _set_rows(_empty_like(first, kind, out), kind, tensors, bias, first)
+    c_kernel = all(_uses_c_kernel(layer) for layer in layers)
+    return _set_rows(_empty_like(first, kind, out), kind, tensors, bias, first, c_kernel)
 
 
 def split_linear(layer: nn.Module, widths: list[int] | tuple[int, ...]) -> list[nn.Module]:
@@ -146,7 +164,7 @@ def split_linear(layer: nn.Module, widths: list[int] | tuple[int, ...]) -> list[
         start = sum(widths[:i])
         tensors = {name: getattr(layer, name).detach()[start:start + width].clone() for name in ROWS[kind]}
         bias = None if layer.bias is None else layer.bias.detach()[start:start + width].clone()
-        parts.append(_set_rows(_empty_like(layer, kind, width), kind, tensors, bias, layer))
+        parts.append(_set_rows(_empty_like(layer, kind, width), kind, tensors, bias, layer, _uses_c_kernel(layer)))
     return parts
 
 
@@ -172,35 +190,42 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     Every attention of a Llama, Mistral or Phi model gets ``qkv_proj`` and ``qkv_widths``, and
     every :class:`~companion.layers.SwiGLU` ``gate_up_proj``; the separate layers are removed.
     Modules already fused are left as they are. Quantize before or after: the result is the
-    same. Returns ``model``; a ValueError if it has nothing to fuse.
+    same. Every stack is built before any module changes, so an error (layers that do not
+    stack) leaves the model as it was. Returns ``model``; a ValueError if it has nothing to fuse.
     """
-    found = False
+    found, plan = False, []
     for module in model.modules():
         if isinstance(module, ATTENTIONS):
             found = True
             if not hasattr(module, "qkv_proj"):
                 parts = [getattr(module, name) for name in QKV]
-                _replace_children(module, QKV, {"qkv_proj": concat_linears(parts)})
-                module.qkv_widths = tuple(p.out_features for p in parts)
+                plan.append((module, QKV, "qkv_proj", concat_linears(parts), tuple(p.out_features for p in parts)))
         elif isinstance(module, SwiGLU):
             found = True
             if not hasattr(module, "gate_up_proj"):
-                _replace_children(module, GATE_UP, {"gate_up_proj": concat_linears([module.gate_proj, module.up_proj])})
+                plan.append((module, GATE_UP, "gate_up_proj", concat_linears([module.gate_proj, module.up_proj]), None))
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention of Llama, Mistral or Phi and no SwiGLU: "
                          "nothing to fuse")
+    for module, old, name, fused, widths in plan:
+        _replace_children(module, old, {name: fused})
+        if widths is not None:
+            module.qkv_widths = widths
     return model
 
 
 def unfuse_projections(model: nn.Module) -> nn.Module:
-    """Undo :func:`fuse_projections` in place: the separate layers again, with the same tensors."""
+    """Undo :func:`fuse_projections` in place: the separate layers again, with the same tensors
+    (float layers come back as :class:`~companion.layers.Linear`)."""
+    plan = []
     for module in model.modules():
         if isinstance(module, ATTENTIONS) and hasattr(module, "qkv_proj"):
-            parts = split_linear(module.qkv_proj, module.qkv_widths)
-            _replace_children(module, ("qkv_proj",), dict(zip(QKV, parts)))
-            del module.qkv_widths
+            plan.append((module, "qkv_proj", dict(zip(QKV, split_linear(module.qkv_proj, module.qkv_widths)))))
         elif isinstance(module, SwiGLU) and hasattr(module, "gate_up_proj"):
             width = module.gate_up_proj.out_features // 2
-            parts = split_linear(module.gate_up_proj, (width, width))
-            _replace_children(module, ("gate_up_proj",), dict(zip(GATE_UP, parts)))
+            plan.append((module, "gate_up_proj", dict(zip(GATE_UP, split_linear(module.gate_up_proj, (width, width))))))
+    for module, name, parts in plan:
+        _replace_children(module, (name,), parts)
+        if name == "qkv_proj":
+            del module.qkv_widths
     return model
