@@ -24,6 +24,7 @@ graph, on a CPU with the matrix-vector fast path of :class:`companion.layers.Lin
 
 from __future__ import annotations
 
+import platform
 from typing import Callable
 
 import torch
@@ -102,6 +103,11 @@ def decode(
     return out
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
 def compile_step(model: nn.Module, *, mode: str | None = None, backend: str | Callable = "inductor",
                  cpp_wrapper: bool | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """``model``'s one-token decoding step, compiled with ``torch.compile``; pass it to :func:`decode`.
@@ -110,9 +116,10 @@ def compile_step(model: nn.Module, *, mode: str | None = None, backend: str | Ca
     replayed for every token: no Python and no kernel-launch cost per layer. On a CPU,
     Inductor fuses the step's small operations, and the model's
     :class:`~companion.layers.Linear` layers become bandwidth-bound loops over their
-    weights; ``cpp_wrapper`` (the default on a CPU) has Inductor write the code that calls
-    the step's hundred or so kernels in C++ rather than Python, which saves a few percent of
-    a float32 step and up to a tenth of a quantized one (whose matrices take less time).
+    weights; ``cpp_wrapper`` (the default on a CPU under Linux with torch >= 2.6; pass
+    ``cpp_wrapper=False`` where it fails to build) has Inductor write the code that calls the
+    step's hundred or so kernels in C++ rather than Python, which saves a few percent of a
+    float32 step and up to a tenth of a quantized one (whose matrices take less time).
     Compiling takes tens of seconds on a CPU (more with ``cpp_wrapper``), once per model and
     batch size: it pays off for long or repeated generations, not for a single short one.
     On a CPU, Inductor needs a C++ compiler (gcc or clang; Colab, Kaggle and most Linux and
@@ -122,11 +129,12 @@ def compile_step(model: nn.Module, *, mode: str | None = None, backend: str | Ca
     device = next(model.parameters()).device
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
-    if cpp_wrapper is None:
-        cpp_wrapper = device.type == "cpu" and backend == "inductor" and mode is None
+    if cpp_wrapper is None:  # where it was tested: Linux (gcc), torch >= 2.6
+        cpp_wrapper = (device.type == "cpu" and backend == "inductor" and mode is None
+                       and platform.system() == "Linux" and _torch_at_least(2, 6))
     elif cpp_wrapper and (backend != "inductor" or mode is not None):
-        raise ValueError(f"cpp_wrapper=True is an option of the inductor backend without a mode; got "
-                         f"backend={backend!r}, mode={mode!r}")
+        raise ValueError(f"cpp_wrapper=True is an option of the inductor backend without a mode (on a GPU, "
+                         f"compile_step uses mode='reduce-overhead'); got backend={backend!r}, mode={mode!r}")
     options = {"cpp_wrapper": True} if cpp_wrapper else None
 
     def one_token(tok: Tensor, pos: Tensor) -> Tensor:
