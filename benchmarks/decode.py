@@ -15,11 +15,13 @@ reads every weight once (except the embedding table, of which it reads one row),
 Each run times Hugging Face ``generate`` (with its dynamic cache, and with
 ``cache_implementation="static"``), our eager loop and our loop with the step compiled by
 :func:`companion.generation.static_cache.compile_step` (on a CPU, tens of seconds of compilation first, not
-counted; ``--no-compile`` skips it). Our quantized models run with their projections fused
-(:func:`companion.fusion.fuse_projections`: q, k, v in one matrix, gate and up in another;
-``--no-fuse`` keeps them apart). The float32 model keeps them apart: fused, its compiled step
-was slower on a CPU (Inductor's loops; 21.3 against 24.5 tokens/s on the 2-core Xeon of
-``results/``). ``--quant int8 int4`` adds our weight-only quantized
+counted; ``--no-compile`` skips it). Where the C kernels of :mod:`companion.cpu_kernels` run, our
+quantized models run with their projections fused (:func:`companion.fusion.fuse_projections`:
+q, k, v in one matrix, gate and up in another; ``--no-fuse`` keeps them apart), which saves
+calls to the kernels. The float32 model and the
+"no C kernel" rows keep them apart: Inductor's loops (float32, int8) and PyTorch's int4 kernel
+were slower on the stacked matrices (float32 compiled: 21.3 against 24.5 tokens/s on the
+2-core Xeon of ``results/``). ``--quant int8 int4`` adds our weight-only quantized
 models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
 the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights.
 On a CPU where the C kernels of :mod:`companion.cpu_kernels` run, each of our quantized
@@ -129,10 +131,16 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 def without_c_kernels(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a quantized model whose layers use PyTorch's kernels, not :mod:`companion.cpu_kernels`."""
+    """A copy of a quantized model whose layers use PyTorch's kernels, not :mod:`companion.cpu_kernels`.
+
+    Its projections are apart (:func:`companion.fusion.unfuse_projections`): PyTorch's int4
+    kernel and Inductor's int8 loop were slower on the stacked matrices.
+    """
     import copy
 
-    model = copy.deepcopy(model)
+    from companion.fusion import unfuse_projections
+
+    model = unfuse_projections(copy.deepcopy(model))
     for module in model.modules():
         if hasattr(module, "gemv_weight"):
             module.gemv_weight = None
@@ -217,6 +225,7 @@ def main() -> None:
         step = compile_step(ours)
         models["ours, torch.compile"] = ours
         runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, max_seq_len=max_len, step=step)
+    fused_any = False
     for scheme in args.quant:
         import copy
 
@@ -225,8 +234,9 @@ def main() -> None:
         from companion.quantize import quantize_
 
         quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
-        if args.fuse:
+        if args.fuse and device.type == "cpu" and cpu_kernels.available():  # fewer calls to the C kernels
             fuse_projections(quantized)
+            fused_any = True
         label = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "")
         variants = {f"{label}, compiled": quantized}
         if device.type == "cpu" and cpu_kernels.available():  # ours with PyTorch's kernels, side by side
@@ -257,8 +267,8 @@ def main() -> None:
     print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
           "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
           "single pass is included in the time. Quantized models are other models: their tokens may "
-          "differ from the float32 ones." + (" Our quantized models run with fused projections (q, k, v in "
-                                              "one matrix; gate and up in another)." if args.fuse else ""))
+          "differ from the float32 ones." + (" Our quantized models with the C kernels run with fused "
+                                              "projections (q, k, v in one matrix; gate and up in another)." if fused_any else ""))
 
 
 def time_llama_cpp_rows(model: Llama, args: argparse.Namespace, reference_seconds: float, peak: float) -> None:
