@@ -18,10 +18,10 @@ Each run times Hugging Face ``generate`` (with its dynamic cache, and with
 counted; ``--no-compile`` skips it). Where the C kernels of :mod:`companion.cpu_kernels` run, our
 quantized models run with their projections fused (:func:`companion.fusion.fuse_projections`:
 q, k, v in one matrix, gate and up in another; ``--no-fuse`` keeps them apart), which saves
-calls to the kernels. The float32 model and the
-"no C kernel" rows keep them apart: Inductor's loops (float32, int8) and PyTorch's int4 kernel
-were slower on the stacked matrices (float32 compiled: 21.3 against 24.5 tokens/s on the
-2-core Xeon of ``results/``). ``--quant int8 int4`` adds our weight-only quantized
+calls to the kernels. The float32 model and the "no C kernel" rows keep them apart: Inductor's
+loops (float32, int8) were slower on the stacked matrices (float32 compiled: 21.3 tokens/s
+fused against 24.5 apart on the 2-core Xeon of ``results/``), and PyTorch's int4 kernel gained
+nothing. ``--quant int8 int4`` adds our weight-only quantized
 models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
 the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights.
 On a CPU where the C kernels of :mod:`companion.cpu_kernels` run, each of our quantized
@@ -133,8 +133,8 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 def without_c_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of a quantized model whose layers use PyTorch's kernels, not :mod:`companion.cpu_kernels`.
 
-    Its projections are apart (:func:`companion.fusion.unfuse_projections`): PyTorch's int4
-    kernel and Inductor's int8 loop were slower on the stacked matrices.
+    Its projections are apart (:func:`companion.fusion.unfuse_projections`): Inductor's int8
+    loop was slower on the stacked matrices, and PyTorch's int4 kernel gained nothing.
     """
     import copy
 

@@ -10,9 +10,10 @@ read the same input gives one taller matrix, and one product instead of three (o
 Decoding a token makes one call per matrix, and on a CPU each call pays a fixed cost (a call
 through PyTorch, starting the threads, rounding ``x`` for the integer kernels of
 :mod:`companion.cpu_kernels`) that small matrices do not hide. The stacked matrix reads the
-same weights, with fewer calls. On a 2-core CPU it made the quantized models of
-``benchmarks/decode.py`` faster; the float32 model's step compiled by Inductor was slower fused
-(21.3 against 24.5 tokens/s), so measure before fusing a float model.
+same weights, with fewer calls. On a 2-core CPU, timed side by side in one process, the int4
+model of ``benchmarks/decode.py`` decoded 6% faster fused (119 tokens/s against 113), less
+than the spread between separate runs; the float32 step compiled by Inductor was slower fused
+(21.3 against 24.5), so measure before fusing.
 
 * :func:`fuse_projections` stacks, in every attention of a Llama, Mistral or Phi model,
   ``q_proj``, ``k_proj`` and ``v_proj`` into ``qkv_proj`` (the output split at
@@ -21,8 +22,8 @@ same weights, with fewer calls. On a 2-core CPU it made the quantized models of
   ``SwiGLU.forward`` use the fused matrices where they exist.
 * :func:`unfuse_projections` splits them back, exactly.
 * It works on float layers and on the quantized layers of :mod:`companion.quantize` alike:
-  int8 has one scale per row and int4 a scale and a minimum per group of one row, so stacking
-  quantized rows is the same as quantizing stacked rows.
+  int8 has one scale per row and int4 a scale and a minimum per group of weights within a
+  row, so stacking quantized rows is the same as quantizing stacked rows.
 
 Each output is one row of the matrix times ``x``: the fused model computes what the separate
 matrices compute (bit for bit with the C kernels, which compute each row the same way whatever
