@@ -225,7 +225,6 @@ def main() -> None:
         step = compile_step(ours)
         models["ours, torch.compile"] = ours
         runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, max_seq_len=max_len, step=step)
-    fused_any = False
     for scheme in args.quant:
         import copy
 
@@ -236,7 +235,6 @@ def main() -> None:
         quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
         if args.fuse and device.type == "cpu" and cpu_kernels.available():  # fewer calls to the C kernels
             fuse_projections(quantized)
-            fused_any = True
         label = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "")
         variants = {f"{label}, compiled": quantized}
         if device.type == "cpu" and cpu_kernels.available():  # ours with PyTorch's kernels, side by side
@@ -264,6 +262,9 @@ def main() -> None:
               f"{gbps:7.1f} {gbps / peak:6.0%}  {same:.0%} the same")
     if device.type == "cpu" and args.llama_cpp is not False:
         time_llama_cpp_rows(ours, args, reference_seconds, peak)
+    from companion.fusion import is_fused
+
+    fused_any = any(is_fused(model) for model in models.values())
     print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
           "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
           "single pass is included in the time. Quantized models are other models: their tokens may "

@@ -43,6 +43,7 @@ __all__ = [
     "check_model_type",
     "check_tensors",
     "check_unsupported",
+    "fused_module",
     "MODEL_TYPES",
     "hf_state_dict",
     "save_pretrained",
@@ -391,12 +392,21 @@ def load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     return model
 
 
-def _refuse_fused(model: nn.Module) -> None:
-    """Checkpoints keep Hugging Face's separate matrices: a ValueError for a model whose projections are stacked."""
+def fused_module(model: nn.Module) -> str | None:
+    """The name of the first module of ``model`` whose projections
+    :func:`companion.fusion.fuse_projections` stacked (``qkv_proj``, ``gate_up_proj``), or None."""
     for name, module in model.named_modules():
         if hasattr(module, "qkv_proj") or hasattr(module, "gate_up_proj"):
-            raise ValueError(f"{name} holds fused projections (companion.fusion.fuse_projections), which Hugging "
-                             "Face's names do not describe: call companion.fusion.unfuse_projections(model) first")
+            return name
+    return None
+
+
+def _refuse_fused(model: nn.Module) -> None:
+    """Checkpoints keep Hugging Face's separate matrices: a ValueError for a model whose projections are stacked."""
+    name = fused_module(model)
+    if name is not None:
+        raise ValueError(f"{name} holds fused projections (companion.fusion.fuse_projections), which Hugging "
+                         "Face's names do not describe: call companion.fusion.unfuse_projections(model) first")
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -560,6 +560,12 @@ def pack_int4(q: Tensor, scales: Tensor, mins: Tensor, group_size: int) -> Tenso
     return torch.cat([chunks, per_block(scales), per_block(mins)], dim=-1).contiguous()
 
 
+def _inverse_step(levels: float, amax: Tensor) -> Tensor:
+    """``levels / amax``, 0 where that is not finite (zeros, NaN, overflow): the C kernels' ``inverse_step``."""
+    inv = levels / amax
+    return torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
+
+
 def int4_gemv_reference(q: Tensor, scales: Tensor, mins: Tensor, x: Tensor, group_size: int) -> Tensor:
     """What :func:`int4_gemv` computes, in PyTorch: the same integers, the sums in another order.
 
@@ -569,8 +575,7 @@ def int4_gemv_reference(q: Tensor, scales: Tensor, mins: Tensor, x: Tensor, grou
     N, K = q.shape
     xg = x.float().reshape(K // group_size, group_size)  # (G, g)
     amax = xg.abs().amax(-1)  # (G,)
-    inv = 127.0 / amax
-    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))  # zeros, NaN, overflow: as the kernel
+    inv = _inverse_step(127.0, amax)
     xq = torch.round(xg * inv[:, None]).to(torch.int32)  # (G, g): -127 .. 127, ties to even as lrintf
     step = amax / 127.0  # d_g
     dots = (q.to(torch.int32).view(N, -1, group_size) * xq).sum(-1)  # (out, G): exact
@@ -583,8 +588,7 @@ def int8_gemv_reference(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     N, K = qweight.shape
     xg = x.float().reshape(K // INT8_GROUP, INT8_GROUP)
     amax = xg.abs().amax(-1)
-    inv = 32767.0 / amax
-    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
+    inv = _inverse_step(32767.0, amax)
     xq = torch.round(xg * inv[:, None]).to(torch.int64)  # (G, 256)
     dots = (qweight.to(torch.int64).view(N, -1, INT8_GROUP) * xq).sum(-1)  # (out, G): exact
     return scales.float() * ((amax / 32767.0) * dots.float()).sum(-1)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from companion import llama, mistral, phi
+from companion.checkpoint import fused_module
 from companion.layers import Linear, SwiGLU
 from companion.quantize import Int4Linear, Int8Linear
 
@@ -182,7 +183,7 @@ def _replace_children(module: nn.Module, old: tuple[str, ...], new: dict[str, nn
 
 def is_fused(model: nn.Module) -> bool:
     """Whether any module of ``model`` holds projections stacked by :func:`fuse_projections`."""
-    return any(hasattr(m, "qkv_proj") or hasattr(m, "gate_up_proj") for m in model.modules())
+    return fused_module(model) is not None
 
 
 def fuse_projections(model: nn.Module) -> nn.Module:

@@ -103,11 +103,6 @@ def decode(
     return out
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
-    parts = torch.__version__.split("+")[0].split(".")
-    return (int(parts[0]), int(parts[1])) >= (major, minor)
-
-
 def compile_step(model: nn.Module, *, mode: str | None = None, backend: str | Callable = "inductor",
                  cpp_wrapper: bool | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """``model``'s one-token decoding step, compiled with ``torch.compile``; pass it to :func:`decode`.
@@ -131,7 +126,7 @@ def compile_step(model: nn.Module, *, mode: str | None = None, backend: str | Ca
         mode = "reduce-overhead"
     if cpp_wrapper is None:  # where it was tested: Linux (gcc), torch >= 2.6
         cpp_wrapper = (device.type == "cpu" and backend == "inductor" and mode is None
-                       and platform.system() == "Linux" and _torch_at_least(2, 6))
+                       and platform.system() == "Linux" and torch.__version__ >= "2.6")
     elif cpp_wrapper and (backend != "inductor" or mode is not None):
         raise ValueError(f"cpp_wrapper=True is an option of the inductor backend without a mode (on a GPU, "
                          f"compile_step uses mode='reduce-overhead'); got backend={backend!r}, mode={mode!r}")
