@@ -44,20 +44,26 @@ CPU_PLAN = plan_device("cpu", verbose=False)  # compiles with a C++ compiler and
 
 
 @pytest.mark.skipif(not CPU_PLAN.compile, reason="; ".join(CPU_PLAN.reasons))
+@pytest.mark.parametrize("one_row_loop", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_compiled_on_cpu_matches_nn_linear_for_one_row_and_many(bias):
+def test_linear_compiled_on_cpu_matches_nn_linear_for_one_row_and_many(bias, one_row_loop, monkeypatch):
+    monkeypatch.setattr(Linear, "one_row_loop", one_row_loop)
+    torch._dynamo.reset()  # Linear.forward compiles once per case and shape: stay under Dynamo's recompile limit
     torch.manual_seed(0)
     ours, ref = Linear(48, 20, bias=bias), torch.nn.Linear(48, 20, bias=bias)
     ours.load_state_dict(ref.state_dict())
     compiled = torch.compile(ours, fullgraph=True, dynamic=False)
-    for shape in [(1, 1, 48), (1, 48), (2, 3, 48)]:  # one row (the multiply-and-sum path), several rows
+    for shape in [(1, 1, 48), (1, 48), (2, 3, 48)]:  # one row (loop or F.linear), several rows
         x = torch.randn(shape)
         y = compiled(x)
         assert y.shape == ref(x).shape
         assert torch.allclose(y, ref(x), atol=1e-6)
 
 
-def test_linear_traces_one_row_as_multiply_and_sum_and_several_as_linear():
+@pytest.mark.parametrize("one_row_loop", [True, False])
+def test_linear_traces_one_row_as_multiply_and_sum_only_where_asked(one_row_loop, monkeypatch):
+    monkeypatch.setattr(Linear, "one_row_loop", one_row_loop)
+
     def traced_ops(x: torch.Tensor) -> set[str]:
         graphs = []
 
@@ -69,8 +75,23 @@ def test_linear_traces_one_row_as_multiply_and_sum_and_several_as_linear():
         return {str(node.target) for node in graphs[0].graph.nodes if node.op in ("call_function", "call_method")}
 
     one_row, rows = traced_ops(torch.randn(1, 1, 8)), traced_ops(torch.randn(3, 8))
-    assert "sum" in one_row and not any("linear" in op for op in one_row)
+    assert ("sum" in one_row) == one_row_loop
+    assert any("linear" in op for op in one_row) != one_row_loop
     assert any("linear" in op for op in rows) and "sum" not in rows
+
+
+@pytest.mark.parametrize("vendor, mkl, loop", [("GenuineIntel", True, False), ("GenuineIntel", False, True),
+                                               ("AuthenticAMD", True, True), ("", True, True)])
+def test_the_one_row_loop_is_the_default_except_for_mkl_on_intel(tmp_path, monkeypatch, vendor, mkl, loop):
+    from companion import device, layers
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2\n" if vendor else "")
+    monkeypatch.setattr(layers, "cpu_info", lambda field: device.cpu_info(field, str(cpuinfo)))
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    assert layers.blas_splits_one_row() is not loop
+    assert device.cpu_info("flags", str(cpuinfo)) == ("fpu avx2" if vendor else "")
+    assert device.cpu_info("vendor_id", str(tmp_path / "missing")) == ""
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """companion.generation.static_cache with a compiled step: the tokens of the eager loop, for all three families.
 
-The compiled step runs :class:`companion.layers.Linear`'s multiply-and-sum path on the CPU,
-so these tests check that path inside whole models, with biases (Phi) and with the rolling
-cache past the end of Mistral's window.
+On a CPU the compiled step runs :class:`companion.layers.Linear`'s one-row path, the
+multiply-and-sum loop or ``F.linear`` (``Linear.one_row_loop``); these tests check both inside
+whole models, with biases (Phi) and with the rolling cache past the end of Mistral's window.
 """
 
 import pytest
@@ -37,8 +37,13 @@ def random_model(name: str) -> torch.nn.Module:
 
 
 @needs_compile
+@pytest.mark.parametrize("one_row_loop", [True, False])
 @pytest.mark.parametrize("name", MODELS)
-def test_compiled_step_gives_the_eager_tokens(name):
+def test_compiled_step_gives_the_eager_tokens(name, one_row_loop, monkeypatch):
+    from companion.layers import Linear
+
+    monkeypatch.setattr(Linear, "one_row_loop", one_row_loop)
+    torch._dynamo.reset()  # one compilation per case: stay under Dynamo's recompile limit
     model = random_model(name)
     prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     n = 3 * WINDOW  # past the end of Mistral's window

@@ -28,6 +28,7 @@ __all__ = [
     "DeviceInfo",
     "DevicePlan",
     "choose_plan",
+    "cpu_info",
     "cuda_arch_supported",
     "describe_device",
     "pick_device",
@@ -147,6 +148,20 @@ class DeviceInfo:
                 raise ValueError(f"capability={cap!r} must be a (major, minor) pair of ints for a cuda device")
         elif self.capability is not None:
             raise ValueError(f"capability={self.capability!r} must be None for a {self.type} device")
+
+
+def cpu_info(field: str, path: str = "/proc/cpuinfo") -> str:
+    """The value of ``field`` (``"vendor_id"``, ``"flags"``) for the first processor in
+    ``/proc/cpuinfo``, or ``""`` where there is no such file (macOS, Windows) or field."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _cxx_compiler() -> str | None:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from companion.device import cpu_info
+
 __all__ = [
     "KVCache",
     "Linear",
@@ -47,6 +49,7 @@ __all__ = [
     "apply_rope_interleaved",
     "attention",
     "attention_mask",
+    "blas_splits_one_row",
     "half_split_to_interleaved",
     "interleaved_to_half_split",
     "kv_cache_bytes",
@@ -72,24 +75,41 @@ def _compiling() -> bool:
     return bool(is_compiling is not None and is_compiling())
 
 
+def blas_splits_one_row() -> bool:
+    """Whether PyTorch's own CPU matrix multiply reads a one-row product at the whole machine's
+    bandwidth: where it is MKL on an Intel CPU.
+
+    Measured with torch 2.13 (``benchmarks/README.md``), one row times a 131 MB float32
+    matrix, two threads: on an Intel Xeon, MKL read 26 GB/s (14 on one thread) and Inductor's
+    multiply-and-sum loop 19; on an AMD EPYC, MKL ran at one core's bandwidth whether one or
+    two threads were allowed, and the loop was 1.7 times faster.
+    """
+    return torch.backends.mkl.is_available() and cpu_info("vendor_id") == "GenuineIntel"
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same ``state_dict``), plus a fast path for decoding.
 
     Generating one token multiplies every weight matrix by a single row ``x``: a
     matrix-vector product, whose speed is set by how fast the weights stream from memory,
-    not by arithmetic. Under ``torch.compile`` on a CPU, this layer writes that product as
-    ``(weight * x).sum(-1)``: Inductor then generates one loop per matrix that reads each
-    weight once, vectorised and split across the cores, fused with the small operations
-    around it, instead of calling a general matrix-multiply routine built for many rows.
-    Everywhere else (eager mode, several rows, a GPU) it is exactly ``nn.Linear``.
+    not by arithmetic. A general matrix-multiply routine built for many rows may run it on
+    one core's share of the bandwidth. Where it does (:func:`blas_splits_one_row` is False:
+    any CPU but an Intel one with MKL), this layer, under ``torch.compile`` on a CPU, writes
+    the product as ``(weight * x).sum(-1)``: Inductor then generates one loop per matrix that
+    reads each weight once, vectorised and split across the cores, fused with the small
+    operations around it. ``Linear.one_row_loop`` holds the choice; set it to compare the
+    two. Everywhere else (eager mode, several rows, a GPU) it is exactly ``nn.Linear``.
 
     >>> layer = Linear(3, 2)
     >>> isinstance(layer, nn.Linear), sorted(layer.state_dict())
     (True, ['bias', 'weight'])
     """
 
+    # Compiled on a CPU with one row: True, the multiply-and-sum loop; False, F.linear.
+    one_row_loop: bool = not blas_splits_one_row()
+
     def forward(self, x: Tensor) -> Tensor:
-        if _compiling() and x.device.type == "cpu" and x.numel() == x.size(-1):
+        if self.one_row_loop and _compiling() and x.device.type == "cpu" and x.numel() == x.size(-1):
             y = (self.weight * x.reshape(1, -1)).sum(-1)  # (out,): one pass over the weights
             if self.bias is not None:
                 y = y + self.bias
