@@ -12,8 +12,9 @@ through PyTorch, starting the threads, rounding ``x`` for the integer kernels of
 :mod:`companion.cpu_kernels`) that small matrices do not hide. The stacked matrix reads the
 same weights, with fewer calls. On a 2-core CPU, timed side by side in one process, the int4
 model of ``benchmarks/decode.py`` decoded 6% faster fused (119 tokens/s against 113), less
-than the spread between separate runs; the float32 step compiled by Inductor was slower fused
-(21.3 against 24.5), so measure before fusing.
+than the spread between separate runs. The float32 step was slower fused where Inductor's
+multiply-and-sum loops run its products (21.3 against 24.5), and 2% faster, within the noise,
+where MKL does (30.3 against 29.7): measure before fusing.
 
 * :func:`fuse_projections` stacks, in every attention of a Llama, Mistral or Phi model,
   ``q_proj``, ``k_proj`` and ``v_proj`` into ``qkv_proj`` (the output split at

@@ -110,8 +110,9 @@ def compile_step(model: nn.Module, *, mode: str | None = None, backend: str | Ca
     On a GPU the default ``mode="reduce-overhead"`` records the whole step as one CUDA graph,
     replayed for every token: no Python and no kernel-launch cost per layer. On a CPU,
     Inductor fuses the step's small operations, and the model's
-    :class:`~companion.layers.Linear` layers become bandwidth-bound loops over their
-    weights; ``cpp_wrapper`` (the default on a CPU under Linux with torch >= 2.6; pass
+    :class:`~companion.layers.Linear` layers read their weights with every core (as
+    bandwidth-bound loops, or through MKL on an Intel CPU: ``Linear.one_row_loop``);
+    ``cpp_wrapper`` (the default on a CPU under Linux with torch >= 2.6; pass
     ``cpp_wrapper=False`` where it fails to build) has Inductor write the code that calls the
     step's hundred or so kernels in C++ rather than Python, which saves a few percent of a
     float32 step and up to a tenth of a quantized one (whose matrices take less time).
