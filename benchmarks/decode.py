@@ -21,8 +21,8 @@ q, k, v in one matrix, gate and up in another; ``--no-fuse`` keeps them apart), 
 calls to the kernels. The float32 model and the "no C kernel" rows keep them apart: Inductor's
 loops (float32 where :class:`companion.layers.Linear` uses them, int8) were slower on the
 stacked matrices (float32 compiled: 21.3 tokens/s fused against 24.5 apart on the 2-core Xeon
-of ``results/``, before its products went to MKL; through MKL, 30.3 against 29.7, within the
-noise), and PyTorch's int4 kernel gained nothing. ``--quant int8 int4`` adds our weight-only quantized
+of ``results/``, its products as Inductor's loops; through MKL, 30.3 against 29.7, within
+the noise), and PyTorch's int4 kernel gained nothing. ``--quant int8 int4`` adds our weight-only quantized
 models (:mod:`companion.quantize`, compiled) and torchao's int8 weight-only quantization of
 the Hugging Face model (bf16 activations, compiled, static cache), all on the same weights.
 On a CPU where the C kernels of :mod:`companion.cpu_kernels` run, each of our quantized

@@ -63,6 +63,7 @@ def test_linear_compiled_on_cpu_matches_nn_linear_for_one_row_and_many(bias, one
 @pytest.mark.parametrize("one_row_loop", [True, False])
 def test_linear_traces_one_row_as_multiply_and_sum_only_where_asked(one_row_loop, monkeypatch):
     monkeypatch.setattr(Linear, "one_row_loop", one_row_loop)
+    torch._dynamo.reset()  # a fresh cache: the setting is read when Linear.forward is traced
 
     def traced_ops(x: torch.Tensor) -> set[str]:
         graphs = []
@@ -80,14 +81,19 @@ def test_linear_traces_one_row_as_multiply_and_sum_only_where_asked(one_row_loop
     assert any("linear" in op for op in rows) and "sum" not in rows
 
 
-@pytest.mark.parametrize("vendor, mkl, loop", [("GenuineIntel", True, False), ("GenuineIntel", False, True),
-                                               ("AuthenticAMD", True, True), ("", True, True)])
-def test_the_one_row_loop_is_the_default_except_for_mkl_on_intel(tmp_path, monkeypatch, vendor, mkl, loop):
+@pytest.mark.parametrize("vendor, processor, mkl, loop", [
+    ("GenuineIntel", "x86_64", True, False), ("GenuineIntel", "x86_64", False, True),
+    ("AuthenticAMD", "x86_64", True, True), ("", "", True, True),
+    ("", "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", True, False),  # no /proc/cpuinfo: Windows
+])
+def test_the_one_row_loop_is_the_default_except_for_mkl_on_intel(tmp_path, monkeypatch, vendor, processor, mkl, loop):
     from companion import device, layers
 
+    assert Linear.one_row_loop is not layers.blas_splits_one_row()  # the default, set at import
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2\n" if vendor else "")
     monkeypatch.setattr(layers, "cpu_info", lambda field: device.cpu_info(field, str(cpuinfo)))
+    monkeypatch.setattr(layers.platform, "processor", lambda: processor)
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
     assert layers.blas_splits_one_row() is not loop
     assert device.cpu_info("flags", str(cpuinfo)) == ("fpu avx2" if vendor else "")

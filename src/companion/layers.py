@@ -32,6 +32,7 @@ D head dimension, R rotary dimension.
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +77,18 @@ def _compiling() -> bool:
 
 
 def blas_splits_one_row() -> bool:
-    """Whether PyTorch's own CPU matrix multiply reads a one-row product at the whole machine's
-    bandwidth: where it is MKL on an Intel CPU.
+    """Whether PyTorch's own CPU matrix multiply is taken to read a one-row product with every
+    core: where it is MKL on an Intel CPU (as ``/proc/cpuinfo`` on Linux, or
+    ``platform.processor()`` elsewhere, names the vendor).
 
-    Measured with torch 2.13 (``benchmarks/README.md``), one row times a 131 MB float32
-    matrix, two threads: on an Intel Xeon, MKL read 26 GB/s (14 on one thread) and Inductor's
-    multiply-and-sum loop 19; on an AMD EPYC, MKL ran at one core's bandwidth whether one or
-    two threads were allowed, and the loop was 1.7 times faster.
+    Measured with torch 2.13 on two 2-core machines (``benchmarks/README.md``): on an Intel
+    Xeon, one row times a 131 MB float32 matrix read 26 GB/s through MKL (14 on one thread)
+    and 19 through Inductor's multiply-and-sum loop; on an AMD EPYC, eager decoding through
+    MKL read 8.7 GB/s whether one or two threads were allowed, and the compiled step with the
+    loops decoded 1.7 times as fast.
     """
-    return torch.backends.mkl.is_available() and cpu_info("vendor_id") == "GenuineIntel"
+    vendor = cpu_info("vendor_id") or platform.processor()
+    return torch.backends.mkl.is_available() and "GenuineIntel" in vendor
 
 
 class Linear(nn.Linear):
@@ -93,12 +97,12 @@ class Linear(nn.Linear):
     Generating one token multiplies every weight matrix by a single row ``x``: a
     matrix-vector product, whose speed is set by how fast the weights stream from memory,
     not by arithmetic. A general matrix-multiply routine built for many rows may run it on
-    one core's share of the bandwidth. Where it does (:func:`blas_splits_one_row` is False:
+    one core's share of the bandwidth. Where it may (:func:`blas_splits_one_row` is False:
     any CPU but an Intel one with MKL), this layer, under ``torch.compile`` on a CPU, writes
     the product as ``(weight * x).sum(-1)``: Inductor then generates one loop per matrix that
     reads each weight once, vectorised and split across the cores, fused with the small
-    operations around it. ``Linear.one_row_loop`` holds the choice; set it to compare the
-    two. Everywhere else (eager mode, several rows, a GPU) it is exactly ``nn.Linear``.
+    operations around it. ``Linear.one_row_loop`` holds the choice; set it before compiling
+    (or after ``torch._dynamo.reset()``) to compare the two. Everywhere else (eager mode, several rows, a GPU) it is exactly ``nn.Linear``.
 
     >>> layer = Linear(3, 2)
     >>> isinstance(layer, nn.Linear), sorted(layer.state_dict())

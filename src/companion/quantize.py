@@ -44,7 +44,7 @@ Two ways to run each layer, which tests check against each other:
   output, relative), int4 to int8 per group (about 0.5%). Where they are not available (no C
   compiler, no x86 with AVX2, ``COMPANION_NO_C_KERNELS`` set, ``cpu_kernels.enabled`` False),
   or for an int8 width that is not a multiple of 256 or a float64 model: :class:`Int8Linear`,
-  compiled, the multiply-and-sum of :class:`companion.layers.Linear` on the int8 matrix, which
+  compiled, the same multiply-and-sum as :class:`companion.layers.Linear`'s one-row loop, on the int8 matrix, which
   Inductor turns into one loop streaming 1 byte per weight; eager, PyTorch's weight-only
   kernel ``aten._weight_int8pack_mm``; :class:`Int4Linear`, ``aten._weight_int4pack_mm_for_cpu``.
   With more rows: those two PyTorch kernels eager, and for int8 the reference path compiled.
