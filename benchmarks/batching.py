@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from companion.device import cpu_info
 from companion.generation.batching import generate_batch
 from companion.generation.static_cache import decode
 from companion.llama import Llama, LlamaConfig, count_parameters
@@ -44,14 +45,7 @@ SIZES = {
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpu_info("model name") or platform.processor() or "unknown CPU"
 
 
 def main() -> None:

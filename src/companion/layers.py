@@ -102,7 +102,8 @@ class Linear(nn.Linear):
     the product as ``(weight * x).sum(-1)``: Inductor then generates one loop per matrix that
     reads each weight once, vectorised and split across the cores, fused with the small
     operations around it. ``Linear.one_row_loop`` holds the choice; set it before compiling
-    (or after ``torch._dynamo.reset()``) to compare the two. Everywhere else (eager mode, several rows, a GPU) it is exactly ``nn.Linear``.
+    (or after ``torch._dynamo.reset()``) to compare the two. Everywhere else (eager mode,
+    several rows, a GPU) it is exactly ``nn.Linear``.
 
     >>> layer = Linear(3, 2)
     >>> isinstance(layer, nn.Linear), sorted(layer.state_dict())
