@@ -127,9 +127,7 @@ def test_transposed_inputs_and_a_custom_scale():
 def test_large_scores_do_not_overflow():
     """Scores of several thousand would overflow exp() without the running maximum."""
     q, k, v = large_score_inputs()
-    out = flash_attention(q, k, v, block_q=16, block_k=16)
-    assert torch.isfinite(out).all()
-    assert torch.allclose(out, sdpa(q.double(), k.double(), v.double()).float(), atol=large_score_tolerance(q, k))
+    check_large_scores(flash_attention(q, k, v, block_q=16, block_k=16), q, k, v)
 
 
 def large_score_inputs():
@@ -137,12 +135,14 @@ def large_score_inputs():
     return q * 30, k * 30, v
 
 
-def large_score_tolerance(q, k):
-    """What rounding the largest score to float32 moves the output by: float32's relative step,
-    2**-23, times that score (3421 here: 4e-4). Scores this large are ill-conditioned, and two
-    correct float32 computations that add in different orders differ by up to 1e-4 (float64
-    is the oracle)."""
-    return (q @ k.transpose(-1, -2) * q.size(-1) ** -0.5).abs().max().item() * 2**-23
+def check_large_scores(out, q, k, v):
+    """``out`` is finite and within what rounding the largest score to float32 moves the output:
+    float32's relative step, 2**-23, times that score (3421 here: 4e-4). Scores this large are
+    ill-conditioned, and two correct float32 computations that add in different orders differ
+    by up to 1e-4, so float64 is the oracle."""
+    assert torch.isfinite(out).all()
+    tolerance = (q @ k.transpose(-1, -2) * q.size(-1) ** -0.5).abs().max().item() * 2**-23
+    assert torch.allclose(out, sdpa(q.double(), k.double(), v.double()).float(), atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
