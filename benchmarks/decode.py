@@ -31,6 +31,15 @@ PyTorch's int4 kernel; for int8, Inductor's loop over the int8 matrix):
 
     .venv/bin/python benchmarks/decode.py --quant int8 int4
 
+On a GPU our bf16 model is timed twice, with its projections apart and fused (``--no-fuse``:
+apart only); our quantized models run fused, each timed with the Triton kernels of
+:mod:`companion.quant_triton` and with Inductor's reductions of ``one_row_forward``
+("Inductor's loop"); ``generate`` compiles the models with a static cache itself. Compiling
+takes most of the run: on an H200 160-200 s per Llama-2-7B-shaped model, so ``--layers 4``
+keeps its matrices with 4 of its 32 layers (``benchmarks/gpu.sh`` does)::
+
+    python benchmarks/decode.py --device cuda --layers 4 --quant int8 int4
+
 When ``llama-bench`` and ``llama-quantize`` (from a build of llama.cpp) are on ``PATH`` and the
 ``gguf`` package is installed, the same weights are also written as a GGUF file and llama.cpp
 is timed in F32, Q8_0 and Q4_0 (:mod:`llamacpp_bench`; ``--no-llama-cpp`` skips it). llama-bench
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -92,18 +102,30 @@ def build(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> tupl
 def interleaved(runners: dict, device: torch.device, repeats: int) -> dict:
     """Time each runner ``repeats`` times, taking turns, after one warm-up run of each.
 
-    Taking turns spreads the load of a shared machine evenly over the runners; each runner's
-    median time is kept. Returns ``{name: (output, seconds)}``.
+    Each runner's warm-up (its compilation) is followed by its first timed run, and both are
+    reported on standard error as they end, so that a run cut short (a GPU lent for minutes)
+    still says how far it got; the other runs take turns, which spreads the load of a shared
+    machine evenly over the runners. Each runner's median time is kept. Returns ``{name:
+    (output, seconds)}``.
     """
-    outputs = {name: fn() for name, fn in runners.items()}  # warm-up (and compilation)
+    def timed(fn) -> tuple:
+        synchronize(device)
+        start = time.perf_counter()
+        output = fn()
+        synchronize(device)
+        return output, time.perf_counter() - start
+
+    outputs: dict = {}
     times: dict = {name: [] for name in runners}
-    for _ in range(repeats):
+    for name, fn in runners.items():
+        _, warm_up = timed(fn)  # and compilation
+        outputs[name], seconds = timed(fn)
+        times[name].append(seconds)
+        print(f"# {name}: warm-up {warm_up:.1f} s, then {seconds:.3f} s", file=sys.stderr, flush=True)
+    for _ in range(repeats - 1):
         for name, fn in runners.items():
-            synchronize(device)
-            start = time.perf_counter()
-            outputs[name] = fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            outputs[name], seconds = timed(fn)
+            times[name].append(seconds)
     return {name: (outputs[name], statistics.median(times[name])) for name in runners}
 
 
@@ -150,6 +172,17 @@ def without_c_kernels(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def without_triton_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a quantized model whose layers, on a GPU, leave one row to Inductor (``one_row_forward``)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "gpu_kernel"):
+            module.gpu_kernel = False
+    return model
+
+
 def torchao_int8(hf: torch.nn.Module) -> torch.nn.Module:
     """A bf16 copy of the Hugging Face model with torchao's int8 weight-only linears."""
     import copy
@@ -169,6 +202,8 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), help="default: cpu on CPU, llama-2-7b on CUDA")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the size's number of layers (a shorter compilation, the same matrices)")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -181,6 +216,8 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", choices=["int8", "int4"], default=[],
                         help="also time our weight-only int8 and/or int4 models (compiled), and "
                              "torchao's int8 weight-only (bf16 activations, compiled) when int8 is asked")
+    parser.add_argument("--torchao", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --quant int8, also time torchao's int8 weight-only; --no-torchao skips it")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                         help="run our quantized models with fused projections (companion.fusion); "
                              "--no-fuse keeps them apart")
@@ -191,6 +228,8 @@ def main() -> None:
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's memory bandwidth in GB/s (default: measured by summing a large tensor)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     device = torch.device(args.device)
     size = args.size or ("cpu" if device.type == "cpu" else "llama-2-7b")
@@ -200,7 +239,9 @@ def main() -> None:
     peak = args.peak_gbps or measure_bandwidth(device, megabytes=1024 if device.type == "cuda" else 512) / 1e9
     torch.manual_seed(0)
 
-    config = LlamaConfig(**SIZES[size])
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
+    config = LlamaConfig(**SIZES[size] | ({"num_hidden_layers": args.layers} if args.layers else {}))
     n_params = count_parameters(config)
     ours, hf = build(config, device, dtype)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
@@ -219,13 +260,20 @@ def main() -> None:
     models = {"transformers generate": hf, "ours, eager": ours}
     runners = {"transformers generate": hf_generate(hf),
                "ours, eager": lambda: decode(ours, prompt, n, max_seq_len=max_len)}
-    if args.static:
-        models["generate, static cache"] = hf
-        runners["generate, static cache"] = hf_generate(hf, cache_implementation="static")
+    # Ours first, then the other references: a run cut short (a GPU lent for minutes) has ours.
     if args.compile:
         step = compile_step(ours)
         models["ours, torch.compile"] = ours
         runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, max_seq_len=max_len, step=step)
+    if args.compile and args.fuse and device.type == "cuda":  # fewer, larger products per layer
+        import copy
+
+        from companion.fusion import fuse_projections
+
+        fused = fuse_projections(copy.deepcopy(ours))
+        fused_step = compile_step(fused)
+        models["ours, compiled, fused"] = fused
+        runners["ours, compiled, fused"] = lambda: decode(fused, prompt, n, max_seq_len=max_len, step=fused_step)
     for scheme in args.quant:
         import copy
 
@@ -234,21 +282,28 @@ def main() -> None:
         from companion.quantize import quantize_
 
         quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
-        if args.fuse and device.type == "cpu" and cpu_kernels.available():  # fewer calls to the C kernels
+        # fewer calls to the C kernels on a CPU; fewer, larger reductions on a GPU
+        if args.fuse and (device.type == "cuda" or cpu_kernels.available()):
             fuse_projections(quantized)
         label = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "")
         variants = {f"{label}, compiled": quantized}
         if device.type == "cpu" and cpu_kernels.available():  # ours with PyTorch's kernels, side by side
             variants[f"{label}, no C kernel"] = without_c_kernels(quantized)
+        if device.type == "cuda":  # our Triton kernels against Inductor's reductions of one_row_forward
+            variants[f"{label}, Inductor's loop"] = without_triton_kernels(quantized)
         for name, model in variants.items():
             qstep = compile_step(model)
             models[name] = model
             runners[name] = lambda m=model, s=qstep: decode(m, prompt, n, max_seq_len=max_len, step=s)
-        if scheme == "int8":
-            ao = torchao_int8(hf)
+    if args.static:
+        models["generate, static cache"] = hf
+        runners["generate, static cache"] = hf_generate(hf, cache_implementation="static")
+    if "int8" in args.quant and args.torchao:
+        ao = torchao_int8(hf)
+        if device.type == "cpu":  # on a GPU, generate compiles a model with a static cache itself
             ao.forward = torch.compile(ao.forward, fullgraph=True)
-            models["torchao int8, compiled"] = ao
-            runners["torchao int8, compiled"] = hf_generate(ao, cache_implementation="static")
+        models["torchao int8, compiled"] = ao
+        runners["torchao int8, compiled"] = hf_generate(ao, cache_implementation="static")
     runs = interleaved(runners, device, args.repeats)
 
     reference_tokens, reference_seconds = runs["transformers generate"]
@@ -265,12 +320,12 @@ def main() -> None:
         time_llama_cpp_rows(ours, args, reference_seconds, peak)
     from companion.fusion import is_fused
 
-    fused_any = any(is_fused(model) for model in models.values())
+    fused = [name for name, model in models.items() if is_fused(model)]
     print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
           "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
           "single pass is included in the time. Quantized models are other models: their tokens may "
-          "differ from the float32 ones." + (" Our quantized models with the C kernels run with fused "
-                                              "projections (q, k, v in one matrix; gate and up in another)." if fused_any else ""))
+          "differ from the float32 ones." + (f" With fused projections (q, k, v in one matrix; gate and up "
+                                              f"in another): {'; '.join(fused)}." if fused else ""))
 
 
 def time_llama_cpp_rows(model: Llama, args: argparse.Namespace, reference_seconds: float, peak: float) -> None:
