@@ -36,7 +36,8 @@ apart only); our quantized models run fused, each timed with the Triton kernels 
 :mod:`companion.quant_triton` and with Inductor's reductions of ``one_row_forward``
 ("Inductor's loop"); ``generate`` compiles the models with a static cache itself. Compiling
 takes most of the run: on an H200 160-200 s per Llama-2-7B-shaped model, so ``--layers 4``
-keeps its matrices with 4 of its 32 layers (``benchmarks/gpu.sh`` does)::
+keeps its matrices with 4 of its 32 layers (``benchmarks/gpu.sh`` does). In ``results/decode_quant_gpu_h200.txt``, measured before the
+Triton kernels existed, "compiled" alone is Inductor's loop::
 
     python benchmarks/decode.py --device cuda --layers 4 --quant int8 int4
 
@@ -286,7 +287,7 @@ def main() -> None:
         if args.fuse and (device.type == "cuda" or cpu_kernels.available()):
             fuse_projections(quantized)
         label = f"ours, {scheme}" + (f" g{args.group_size}" if scheme == "int4" else "")
-        variants = {f"{label}, compiled": quantized}
+        variants = {f"{label}, compiled" + (", Triton" if device.type == "cuda" else ""): quantized}
         if device.type == "cpu" and cpu_kernels.available():  # ours with PyTorch's kernels, side by side
             variants[f"{label}, no C kernel"] = without_c_kernels(quantized)
         if device.type == "cuda":  # our Triton kernels against Inductor's reductions of one_row_forward

@@ -48,10 +48,10 @@ if torch.cuda.is_available():  # the ceiling decoding is measured against, two w
           f"summing 1 GiB: {measure_bandwidth('cuda', megabytes=1024, repeats=10) / 1e9:.0f} GB/s")
 PY
   "$python" benchmarks/decode.py --device "$device" --size "$size" ${layers[@]+"${layers[@]}"} --quant int8 int4 --repeats 3 --no-llama-cpp
-} | tee ${out:+"$out/decode_quant_gpu.txt"}
-# Not fatal, as the attention step below: a failure must not cost the figures above.
+} | tee ${out:+"$out/decode_quant_gpu.txt"} || echo "decode.py failed (exit status above); going on" >&2
+# Not fatal, as the other steps: a failure of one must not cost the figures of the others.
 if [ "$size" = tiny ]; then gemv=(--shapes 40x256 --block-n 4 --block-k 64 --repeats 1); else gemv=(); fi
-if ! "$python" benchmarks/gemv.py --device "$device" "${gemv[@]}" | tee ${out:+"$out/gemv_gpu.txt"}; then
+if ! "$python" benchmarks/gemv.py --device "$device" ${gemv[@]+"${gemv[@]}"} | tee ${out:+"$out/gemv_gpu.txt"}; then
   echo "gemv.py failed (exit status above)" >&2
 fi
 # Not fatal: the Triton kernels' first compilation on a GPU must not cost the figures above.

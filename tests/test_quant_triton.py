@@ -20,12 +20,18 @@ from companion.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequant
                                 quantize_int4, quantize_int8)
 
 FEW = settings(max_examples=15, deadline=None)  # the interpreter runs each program in Python
+# The tests build their tensors on the CPU, where the kernels run in the interpreter only.
+pytestmark = pytest.mark.skipif(not quant_triton.interpreted(), reason="Triton compiles for a GPU here")
 
 
-def check(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
-    """``y`` against ``w @ x`` in float64, within float32's summing error and ``y``'s own rounding."""
+def check(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor, terms: torch.Tensor | None = None) -> None:
+    """``y`` against ``w @ x`` in float64, within float32's summing error and ``y``'s own rounding.
+
+    ``terms``: the magnitudes of what the kernel adds, where they are not ``|w|`` (int4 adds
+    ``|scale q|`` and ``|min|`` separately, each larger than ``|scale q + min|`` can be).
+    """
     exact = w.double() @ x.double().reshape(-1)
-    magnitude = w.double().abs() @ x.double().abs().reshape(-1)
+    magnitude = (w if terms is None else terms).double().abs() @ x.double().abs().reshape(-1)
     K = w.size(1)
     bound = K * 2**-24 * magnitude + torch.finfo(y.dtype).eps * exact.abs() + 1e-30
     err = (y.double() - exact).abs()
@@ -57,7 +63,13 @@ def test_int4_gemv_equals_the_dequantized_product(N, group_size, groups, block_n
     packed, scales, mins = quantize_int4(torch.randn(N, group_size * groups, generator=g), group_size)
     x = torch.randn(group_size * groups, generator=g)
     y = quant_triton.int4_gemv(packed, scales, mins, x, block_n=block_n, block_g=block_g)
-    check(y, dequantize_int4(packed, scales, mins), x)
+    check(y, dequantize_int4(packed, scales, mins), x, int4_terms(packed, scales, mins))
+
+
+def int4_terms(packed, scales, mins):
+    """``|scale q| + |min|`` per weight: the sizes of the two products the int4 kernel adds."""
+    return dequantize_int4(packed, scales.abs(), torch.zeros_like(mins)) + dequantize_int4(
+        torch.zeros_like(packed), torch.zeros_like(scales), mins.abs())
 
 
 def test_float16_in_float16_out():
@@ -68,7 +80,8 @@ def test_float16_in_float16_out():
     q, scales = quantize_int8(w.half())
     check(quant_triton.int8_gemv(q, scales, x), dequantize_int8(q, scales.double()), x)
     packed, s4, m4 = quantize_int4(w.half(), 64)
-    check(quant_triton.int4_gemv(packed, s4, m4, x), dequantize_int4(packed, s4.double(), m4.double()), x)
+    check(quant_triton.int4_gemv(packed, s4, m4, x), dequantize_int4(packed, s4.double(), m4.double()), x,
+          int4_terms(packed, s4.double(), m4.double()))
 
 
 def test_the_kernels_agree_with_the_layers_one_row_forward():
@@ -76,12 +89,14 @@ def test_the_kernels_agree_with_the_layers_one_row_forward():
     torch.manual_seed(2)
     linear = torch.nn.Linear(320, 40)
     x = torch.randn(1, 1, 320)
-    for layer in (Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, group_size=32)):
-        if isinstance(layer, Int8Linear):
-            y = quant_triton.int8_gemv(layer.qweight, layer.scales, x)
-        else:
-            y = quant_triton.int4_gemv(layer.qweight, layer.scales, layer.mins, x)
-        torch.testing.assert_close(y + layer.bias, layer.one_row_forward(x).reshape(-1), rtol=1e-5, atol=1e-5)
+    int8, int4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, group_size=32)
+    y8 = quant_triton.int8_gemv(int8.qweight, int8.scales, x) + int8.bias
+    y4 = quant_triton.int4_gemv(int4.qweight, int4.scales, int4.mins, x) + int4.bias
+    # each against the float64 oracle (the bias added and taken off again rounds below the bound)
+    for y, layer, terms in ((y8, int8, None), (y4, int4, int4_terms(int4.qweight, int4.scales, int4.mins))):
+        check(y - layer.bias, layer.dequantize_weight(), x, terms)
+        check(layer.one_row_forward(x).reshape(-1) - layer.bias, layer.dequantize_weight(), x, terms)
+        assert not quant_triton.takes(x)  # on a CPU the layers keep their own paths
 
 
 def test_bad_input_is_named():

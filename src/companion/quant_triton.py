@@ -15,16 +15,17 @@ those bytes once and never write a float copy of the matrix:
   block_g, g/2)`` block, splits every byte into its two values, multiplies them by the even
   and the odd inputs, and sums each group before its scale and minimum touch it.
 
-Both accumulate in float32 and return ``x``'s dtype. Why kernels of our own: compiled by
-``torch.compile``, :meth:`companion.quantize.Int8Linear.one_row_forward` (the same sums
-written as PyTorch operations) became Triton reductions that read 25% of an H200's bandwidth
-for int8 and 8% for int4, slower than the bfloat16 model they should beat
-(``benchmarks/results/decode_quant_gpu_h200.txt``).
+Both accumulate in float32 and return ``x``'s dtype. Why kernels of our own: with the layers'
+``one_row_forward`` (the same sums written as PyTorch operations) compiled by Inductor into
+reductions of its own, our int8 and int4 models decoded on an H200 at 25% and 8% of its
+bandwidth, slower than the bfloat16 model they should beat, which reached 63-67%
+(``benchmarks/results/decode_quant_gpu_h200.txt``). These kernels have been checked in the
+interpreter only; ``benchmarks/gemv.py`` and ``benchmarks/gpu.sh`` time them on a GPU.
 
 As in :mod:`companion.flash_triton`, without a GPU the kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the tests check them; on a GPU they are registered as
-PyTorch operators (``torch.library.triton_op``, torch >= 2.6), so ``torch.compile`` puts them
-in the compiled step and its CUDA graph.
+PyTorch operators (``torch.library.triton_op``, torch >= 2.6), which ``torch.compile`` can
+keep inside a compiled step and its CUDA graph.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ try:  # optional, as in companion.flash_triton
 except ImportError:
     triton = tl = None
 
-__all__ = ["available", "int4_gemv", "int8_gemv", "interpreted"]
+__all__ = ["available", "int4_gemv", "int8_gemv", "interpreted", "takes"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,7 +73,7 @@ def _int8_gemv_kernel(q_ptr, scale_ptr, x_ptr, y_ptr, N, K,
 
 
 @_jit
-def _int4_gemv_kernel(q_ptr, scale_ptr, min_ptr, x_ptr, y_ptr, N, K, G,
+def _int4_gemv_kernel(q_ptr, scale_ptr, min_ptr, x_ptr, y_ptr, N, row_stride, G,
                       HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # HALF = g / 2: the bytes of one group. Value 2j of a row is the low half of its byte j.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -84,7 +85,7 @@ def _int4_gemv_kernel(q_ptr, scale_ptr, min_ptr, x_ptr, y_ptr, N, K, G,
         group_ok = groups < G
         byte = groups[:, None] * HALF + j[None, :]  # (BLOCK_G, HALF): byte index within a row
         ok = row_ok[:, None, None] & group_ok[None, :, None]
-        b = tl.load(q_ptr + rows[:, None, None] * (K // 2) + byte[None, :, :], mask=ok, other=0)
+        b = tl.load(q_ptr + rows[:, None, None] * row_stride + byte[None, :, :], mask=ok, other=0)
         low = (b & 15).to(tl.float32)  # values 2j
         high = (b >> 4).to(tl.float32)  # values 2j + 1
         x_even = tl.load(x_ptr + 2 * byte, mask=group_ok[:, None], other=0.0).to(tl.float32)
@@ -99,9 +100,20 @@ def _int4_gemv_kernel(q_ptr, scale_ptr, min_ptr, x_ptr, y_ptr, N, K, G,
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+_INTERPRETED = type(_int8_gemv_kernel).__name__ == "InterpretedFunction"  # decided when Triton was imported
+
+
 def interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (see :func:`companion.flash_triton.interpreted`)."""
-    return type(_int8_gemv_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
+
+
+def takes(x: Tensor) -> bool:
+    """Whether a quantized layer sends ``x`` to these kernels: one row on a GPU, compiled
+    kernels (not the interpreter), a dtype they take. Triton compiles for NVIDIA GPUs of
+    compute capability 7.0 and up; on older ones set the layers' ``gpu_kernel`` to False."""
+    return (x.device.type == "cuda" and x.numel() == x.size(-1) and available() and not _INTERPRETED
+            and x.dtype in _DTYPES)
 
 
 def _power_of_two(name: str, value: int) -> None:
@@ -142,7 +154,7 @@ def _int4_gemv(qweight: Tensor, scales: Tensor, mins: Tensor, x: Tensor, block_n
     K = 2 * qweight.size(1)
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     launch = _wrap(_int4_gemv_kernel)
-    launch[(triton.cdiv(N, block_n),)](qweight, scales, mins, x, y, N, K, G, HALF=K // G // 2,
+    launch[(triton.cdiv(N, block_n),)](qweight, scales, mins, x, y, N, qweight.stride(0), G, HALF=K // G // 2,
                                        BLOCK_N=block_n, BLOCK_G=block_g)
     return y
 

@@ -53,12 +53,13 @@ Two ways to run each layer, which tests check against each other:
   Where a kernel is missing (an older PyTorch) or cannot take the shape, ``forward`` is
   ``reference_forward``.
 * ``forward`` on a GPU, one row (decoding), eager or compiled: the Triton kernels of
-  :mod:`companion.quant_triton`, which read the integer matrix once and write no float copy
-  of it. Without Triton, or with ``gpu_kernel`` set to False on a layer: under
+  :mod:`companion.quant_triton` (:func:`~companion.quant_triton.takes` says when), which read
+  the integer matrix once and write no float copy of it; checked in Triton's interpreter, not
+  yet timed on a GPU. Otherwise, or with ``gpu_kernel`` set to False on a layer: under
   ``torch.compile``, ``one_row_forward``, the multiply-and-sum of each format written out,
-  which Inductor compiles into Triton reductions of its own (on an H200 they read 25% of the
-  bandwidth for int8 and 8% for int4, slower than bfloat16); eager, ``reference_forward``.
-  More rows (a prompt): ``reference_forward``.
+  which Inductor compiles into reductions of its own (with them our int8 and int4 models
+  decoded at 25% and 8% of an H200's bandwidth, slower than bfloat16); eager,
+  ``reference_forward``. More rows (a prompt): ``reference_forward``.
 
 The int4 kernels want the weights in their own layouts, which depend on the CPU's vector
 instructions; :class:`Int4Linear` keeps those copies beside the portable packed one
@@ -327,7 +328,7 @@ class Int8Linear(_QuantizedLinear):
         if self.c_kernel and x.device.type == "cpu" and _c_kernel_takes(x):
             y = torch.ops.companion.int8_gemv(self.qweight, self.scales, x).to(x.dtype)  # (..., out)
             return y if self.bias is None else y + self.bias
-        if x.device.type == "cuda" and x.numel() == x.size(-1) and self.gpu_kernel and quant_triton.available():
+        if self.gpu_kernel and quant_triton.takes(x):
             y = quant_triton.int8_gemv(self.qweight, self.scales, x).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if _compiling() and x.numel() == x.size(-1):
@@ -447,7 +448,7 @@ class Int4Linear(_QuantizedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
-            if x.device.type == "cuda" and x.numel() == x.size(-1) and self.gpu_kernel and quant_triton.available():
+            if self.gpu_kernel and quant_triton.takes(x):
                 y = quant_triton.int4_gemv(self.qweight, self.scales, self.mins, x).view(*x.shape[:-1], -1)
                 return y if self.bias is None else y + self.bias
             if _compiling() and x.numel() == x.size(-1):
