@@ -30,24 +30,13 @@ keep inside a compiled step and its CUDA graph.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-try:  # optional, as in companion.flash_triton
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = tl = None
+# Triton is optional: its import, the decorator that needs it, the dtypes, as in companion.flash_triton
+from companion.flash_triton import _DTYPES, _jit, tl, triton
 
 __all__ = ["available", "int4_gemv", "int8_gemv", "interpreted", "takes"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
 
 
 def available() -> bool:
@@ -159,7 +148,7 @@ def _int4_gemv(qweight: Tensor, scales: Tensor, mins: Tensor, x: Tensor, block_n
     return y
 
 
-def _wrap(kernel: Any) -> Any:
+def _wrap(kernel: object) -> object:
     wrap = getattr(torch.library, "wrap_triton", None)
     return kernel if wrap is None or interpreted() else wrap(kernel)
 
