@@ -1,12 +1,17 @@
 """The C decoding kernels (companion.cpu_kernels) against float64, across CPU variants, and in the layers."""
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from companion import cpu_kernels
 from companion.device import plan_device
+from companion.layers import sdpa_attention
 from companion.quantize import Int4Linear, Int8Linear, quantize_, quantize_int4, quantize_int8, unpack_int4
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the C kernels are not available here")
@@ -157,7 +162,7 @@ def test_int4_zero_input_and_minimums():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["int4", "int8"])
+@pytest.mark.parametrize("kernel", ["int4", "int8", "attend"])
 def test_every_variant_gives_the_same_bits(kernel):
     """AVX2 and AVX-512 (with and without VNNI) do the same operations in the same order."""
     names = cpu_kernels.variants_here()
@@ -166,6 +171,10 @@ def test_every_variant_gives_the_same_bits(kernel):
         q, scales, mins, _ = make_int4(2816, 1024, 64, seed=1)
         args = (cpu_kernels.pack_int4(q, scales, mins, 64), x, 2816, 64)
         through_the_operator = cpu_kernels.int4_gemv(*args)
+    elif kernel == "attend":
+        q, k, v = attention_inputs(2, 8, 2, 300, 64, seed=5)
+        args = (q, k, v, torch.rand(2, 1, 300, generator=torch.Generator().manual_seed(5)) < 0.7)
+        through_the_operator = cpu_kernels.attend_one(*args)
     else:
         qweight, scales, _ = make_int8(2817, 1024, seed=1)
         args = (qweight, scales, x)
@@ -344,3 +353,150 @@ def test_a_quantized_model_decodes_with_the_kernels_eager_and_compiled(scheme):
             cpu_kernels.enabled = True
     error = ((one_at_a_time - exact).abs().max() / exact.abs().max()).item()
     assert error < (1e-4 if scheme == "int8" else 5e-2), error
+
+
+# ---- one query per head over a KV cache ------------------------------------------------------
+
+
+def attention_inputs(B, H, KV, S, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, 1, D, generator=g), torch.randn(B, KV, S, D, generator=g),
+            torch.randn(B, KV, S, D, generator=g))
+
+
+def exact_attention(q, k, v, mask):
+    """float64 from the definition: softmax over the allowed slots, zeros where none is allowed."""
+    G, S = q.size(1) // k.size(1), k.size(2)
+    k, v = k.double().repeat_interleave(G, dim=1), v.double().repeat_interleave(G, dim=1)  # (B, H, S, D)
+    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, 1, S)
+    allowed = mask.reshape(-1, 1, 1, S)
+    weights = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
+    return weights @ v
+
+
+def some_mask(kind, B, S, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = int(torch.randint(0, S, (1,), generator=g))  # the query's position
+    j = torch.arange(S)
+    if kind == "prefix":  # a cache allocated for S positions, written up to p
+        return (j <= p)[None]  # (1, S)
+    if kind == "window":  # sliding window of 7 over a rolling cache
+        return ((j <= p) & (j > p - 7))[None]
+    return torch.rand(B, 1, S, generator=g) < 0.5  # (B, 1, S): one row per sequence (left padding), some empty
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 3), KV=st.integers(1, 4), G=st.integers(1, 4), S=st.integers(1, 300),
+       D=st.sampled_from([8, 16, 64, 80, 128]), kind=st.sampled_from(["prefix", "window", "random"]),
+       seed=st.integers(0, 2 ** 16))
+def test_attend_one_matches_float64_attention(B, KV, G, S, D, kind, seed):
+    """Grouped heads, any cache length, masks of one row or one per sequence, rows with no allowed slot."""
+    q, k, v = attention_inputs(B, KV * G, KV, S, D, seed)
+    mask = some_mask(kind, B, S, seed)
+    out = cpu_kernels.attend_one(q, k, v, mask)
+    exact = exact_attention(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    # float32's rounding of sums of at most 300 terms of unit size, and of the exponentials
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-6)
+    sdpa_mask = mask if mask.dim() == 2 else mask[:, None]
+    by_pytorch = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
+    torch.testing.assert_close(out, by_pytorch.nan_to_num(0.0), rtol=0, atol=2e-6)  # NaN for no slot before 2.13
+
+
+def test_attend_one_leaves_out_the_slots_the_mask_hides():
+    """NaN in every hidden slot changes no bit: those keys and values take no part."""
+    q, k, v = attention_inputs(2, 8, 4, 100, 64, seed=3)
+    mask = some_mask("random", 2, 100, seed=3)
+    clean = cpu_kernels.attend_one(q, k, v, mask)
+    hidden = ~mask.view(2, 1, 100, 1).expand(2, 4, 100, 64)
+    poisoned = cpu_kernels.attend_one(q, k.masked_fill(hidden, math.nan), v.masked_fill(hidden, math.nan), mask)
+    assert torch.equal(poisoned, clean) and clean.isfinite().all()
+    # and a NaN in an allowed slot reaches the output of its heads only (key/value head 0: query heads 0, 1)
+    k[0, 0, int(mask[0, 0].nonzero()[0])] = math.nan
+    out = cpu_kernels.attend_one(q, k, v, mask)
+    assert out[0, :2].isnan().all() and out[0, 2:].isfinite().all() and torch.equal(out[1], clean[1])
+
+
+def test_attend_one_gives_the_same_bits_for_any_cache_length():
+    """The written slots of a cache of 16 positions or of 4096 give the same bits, whatever the
+    mask's shape: (S,), (1, S) or (1, 1, S)."""
+    q, k, v = attention_inputs(1, 4, 2, 16, 32, seed=4)
+    big_k, big_v = torch.randn(1, 2, 4096, 32), torch.randn(1, 2, 4096, 32)
+    big_k[:, :, :16], big_v[:, :, :16] = k, v
+    small = cpu_kernels.attend_one(q, k, v, torch.arange(16)[None] <= 9)
+    for mask in (torch.arange(4096) <= 9, torch.arange(4096)[None] <= 9, torch.arange(4096)[None, None] <= 9):
+        assert torch.equal(cpu_kernels.attend_one(q, big_k, big_v, mask), small)
+
+
+def test_bad_attention_inputs_are_refused():
+    q, k, v = attention_inputs(2, 6, 3, 10, 16, seed=0)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"q must be \(B, H, 1, D\): one query per head"):
+        cpu_kernels.attend_one(torch.randn(2, 6, 2, 16), k, v, mask)
+    with pytest.raises(RuntimeError, match="H=6 query heads must be a multiple of KV=4"):
+        cpu_kernels.attend_one(q, torch.randn(2, 4, 10, 16), torch.randn(2, 4, 10, 16), mask)
+    with pytest.raises(RuntimeError, match="head dimension D=12 must be a positive multiple of 8"):
+        cpu_kernels.attend_one(q[..., :12], k[..., :12], v[..., :12], mask)
+    with pytest.raises(RuntimeError, match="k and v must be"):
+        cpu_kernels.attend_one(q, k, v[:, :, :9], mask)
+    with pytest.raises(RuntimeError, match="must be float32 on the CPU; got Double"):
+        cpu_kernels.attend_one(q.double(), k.double(), v.double(), mask)
+    with pytest.raises(RuntimeError, match=r"with S=10 entries; got Bool \[1, 9\]"):
+        cpu_kernels.attend_one(q, k, v, torch.ones(1, 9, dtype=torch.bool))
+    for bad in [torch.ones(3, 1, 10), torch.ones(2, 10), torch.ones(1, 6, 1, 10), torch.ones(2, 6, 10)]:
+        with pytest.raises(RuntimeError, match=r"mask must be bool \(S,\), \(1, S\), or \(1 or B, 1, S\)"):
+            cpu_kernels.attend_one(q, k, v, bad.bool())  # another batch, a row per head, a row per query
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        cpu_kernels.attend_one(q, k, v, torch.zeros(1, 10))  # an additive float mask
+    with pytest.raises(ValueError, match="'int4', 'int8' or 'attend'"):
+        cpu_kernels.run_variant("avx2", "attention", q, k, v, mask)
+
+
+def test_sdpa_attention_sends_a_decoding_step_to_the_kernel(monkeypatch):
+    """One query, float32, no gradient: the kernel's bits; with a gradient to compute, or the
+    switch off, PyTorch's kernel."""
+    q, k, v = attention_inputs(1, 8, 2, 50, 64, seed=6)
+    mask = torch.arange(50)[None] <= 30
+    with torch.no_grad():
+        assert torch.equal(sdpa_attention(q, k, v, mask), cpu_kernels.attend_one(q, k, v, mask))
+        monkeypatch.setattr(cpu_kernels, "attention_enabled", False)
+        by_pytorch = sdpa_attention(q, k, v, mask)
+        assert torch.equal(by_pytorch, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        monkeypatch.setattr(cpu_kernels, "attention_enabled", True)
+    q.requires_grad_(True)
+    y = sdpa_attention(q, k, v, mask)
+    assert y.grad_fn is not None and torch.equal(y.detach(), by_pytorch)
+    assert not cpu_kernels.takes_attention(torch.randn(1, 8, 2, 64), k, v, mask)  # a prompt: several queries
+    assert not cpu_kernels.takes_attention(q.detach().double(), k.double(), v.double(), mask)
+    assert not cpu_kernels.takes_attention(q.detach(), k, v.bfloat16(), mask)
+    additive = torch.zeros(1, 50).masked_fill(~mask, -math.inf)  # a float mask: PyTorch's kernel takes it
+    with torch.no_grad():
+        assert not cpu_kernels.takes_attention(q, k, v, additive)
+        torch.testing.assert_close(sdpa_attention(q, k, v, additive), by_pytorch, rtol=0, atol=1e-6)
+
+
+def test_a_decoding_step_reads_only_the_written_slots_of_its_cache():
+    """A Llama decoding with a cache of 16 positions, or of 1024 whose unwritten slots hold NaN:
+    the same logits to the bit, eager and compiled (PyTorch's kernel would read the NaN)."""
+    from companion.generation.static_cache import compile_step
+    from companion.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = Llama(config).eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    steps = [lambda tok, pos: model(tok, start_pos=pos, last_only=True)]
+    if CPU_PLAN.compile:
+        steps.append(compile_step(model))
+    with torch.no_grad():
+        for step in steps:
+            logits = {}
+            for length in (16, 1024):
+                model.setup_cache(1, length)
+                model(prompt, start_pos=0)
+                for block in model.layers:  # slots 7 and later are written by no step below
+                    block.self_attn.cache.k[:, :, 7:] = math.nan
+                    block.self_attn.cache.v[:, :, 7:] = math.nan
+                logits[length] = step(torch.tensor([[7]]), torch.tensor(6))
+            assert logits[1024].isfinite().all() and torch.equal(logits[16], logits[1024])

@@ -1,4 +1,5 @@
-"""Decoding kernels in C for x86 CPUs: a few rows times an int4 or an int8 matrix.
+"""Decoding kernels in C for x86 CPUs: a few rows times an int4 or an int8 matrix, and one
+query per head over a KV cache.
 
 Decoding multiplies every weight matrix by one row (one per sequence of a batch, a few for a
 short prompt), so a step is as fast as the matrices can be read. PyTorch's weight-only CPU
@@ -35,22 +36,37 @@ d_g * sum_g``.
 
 Both are the same bit for bit on every CPU that runs them: the integer sums are exact, and
 the float operations happen in the same order in the AVX-512 and AVX2 versions
-(``tests/test_cpu_kernels.py`` checks it).
+(``tests/test_cpu_kernels.py`` checks it). The attention kernel is written with AVX2's
+instructions only, so it too gives the same bits in every version.
 
 The matrix is read from memory once per call: each block of it stays in the cache while
 every row of ``x`` goes through it, so a few rows cost little more memory traffic than one.
 Each row is rounded on its own and gives the same bits alone or with others.
 
+**Attention of a decoding step** (:func:`attend_one`). A static KV cache is allocated for a
+maximum length so that one compiled step serves every request
+(:mod:`companion.generation.static_cache`), and the mask hides the slots not yet written.
+PyTorch's ``scaled_dot_product_attention`` reads every slot, hidden or not: with the cache
+allocated for the model's 2048 positions, a step of the 220M model of ``benchmarks/`` reads
+201 MB of keys and values however short the sequence, twice the 105 MB of its int4 weights. This
+kernel reads the mask, then the keys and values of the allowed slots only, once for all the
+query heads of a key/value head (grouped-query attention), and computes the softmax over them
+in float32 (scores, their maximum, ``e^(s - max)`` by a polynomial, the weighted sum of the
+values). A step then costs what the written slots cost, whatever length the cache was
+allocated for. :func:`companion.layers.sdpa_attention` sends it every call with one query per
+head, float32, on a CPU, with no gradient to compute (:func:`takes_attention`).
+
 The kernels are C, compiled on first use with the system's C compiler (the one
 ``torch.compile`` uses on a CPU) for the vector instructions PyTorch itself dispatches to
 (``torch.backends.cpu.get_cpu_capability()``), linked to PyTorch's own OpenMP runtime so that
 both share one pool of threads. A small C++ file registers them as PyTorch operators,
-``torch.ops.companion.int4_gemv`` and ``torch.ops.companion.int8_gemv``, so that a call costs
+``torch.ops.companion.int4_gemv``, ``int8_gemv`` and ``attend_one``, so that a call costs
 what a call to PyTorch's own kernels costs (a few microseconds; decoding makes one per matrix
 per token) and ``torch.compile`` calls them from its graph. Both builds are cached under
 ``~/.cache/companion``. Where there is no compiler, no x86 with AVX2, or
 ``COMPANION_NO_C_KERNELS`` is set, :func:`available` is False, :func:`unavailable_reason`
-says why, and :mod:`companion.quantize` keeps PyTorch's kernels.
+says why, and :mod:`companion.quantize` and :func:`companion.layers.sdpa_attention` keep
+PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -71,8 +87,9 @@ from torch import Tensor
 
 from companion.device import cpu_info
 
-__all__ = ["INT8_GROUP", "MAX_ROWS", "ROWS_PER_BLOCK", "available", "enabled", "int4_gemv", "int4_gemv_reference",
-           "int8_gemv", "int8_gemv_reference", "pack_int4", "unavailable_reason", "variant"]
+__all__ = ["INT8_GROUP", "MAX_ROWS", "ROWS_PER_BLOCK", "attend_one", "attention_enabled", "available", "enabled",
+           "int4_gemv", "int4_gemv_reference", "int8_gemv", "int8_gemv_reference", "pack_int4", "takes_attention",
+           "unavailable_reason", "variant"]
 
 # Whether companion.quantize's layers call these kernels (where they are available); a switch
 # for measuring them against PyTorch's kernels in one process.
@@ -81,6 +98,9 @@ enabled = True
 # a short prompt); longer prompts keep PyTorch's kernels, against which these were measured
 # only up to 256 rows.
 MAX_ROWS = 64
+# Whether companion.layers.sdpa_attention sends one query per head (a decoding step on a CPU,
+# float32) to attend_one, which reads only the cache slots the mask allows.
+attention_enabled = True
 ROWS_PER_BLOCK = 16  # int4: output rows per block of the layout
 INT8_GROUP = 256  # int8: inputs per step of the rounded row
 
@@ -293,6 +313,93 @@ void int8_gemv(const int8_t* w, const float* scales, const float* x, float* y, i
   free(xq);
   free(dx);
 }
+/* e^x for 8 floats x <= 0 (the scores less their maximum), Cephes' expf: x = n ln 2 + r with
+   |r| <= ln(2) / 2, e^r by a polynomial of degree 7, times 2^n. Within 2 ulp of e^x down to
+   e^-87 (smaller x give 2^-126 or so, which a sum that holds e^0 = 1 never sees); a NaN stays NaN. */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  /* max_ps returns its second operand when it is NaN */
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The sum of 8 floats, in a fixed order. */
+static inline float sum8(__m256 a) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+/* One query per head against a KV cache: out (B, H, D) = softmax(q k^T / sqrt(D)) v over the
+   slots s the mask allows (mask[b * mask_stride + s] nonzero), for q (B, H, D) and k, v
+   (B, KV, S, D) with H a multiple of KV (query head h reads key/value head h / (H / KV)) and D a
+   multiple of 8. The keys and values of slots the mask hides are never read: a cache allocated
+   for a maximum length costs what its written slots cost. A query with no allowed slot gets
+   zeros, as PyTorch 2.13's scaled_dot_product_attention gives. The same AVX2 operations in the same
+   order in every variant, so the same bits on every CPU that runs them. */
+void attend_one(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
+                int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, int64_t mask_stride) {
+  const int64_t G = H / KV;
+  const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)D));
+  #pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < B * KV; task++) {  /* one key/value head and its G query heads */
+    const int64_t b = task / KV, h0 = (task % KV) * G;
+    const uint8_t* allowed = mask + b * mask_stride;
+    const float* kb = k + task * S * D;
+    const float* vb = v + task * S * D;
+    const float* qb = q + (b * H + h0) * D;
+    float* ob = out + (b * H + h0) * D;
+    int64_t n = 0;
+    for (int64_t s = 0; s < S; s++) n += allowed[s] != 0;
+    if (n == 0) { memset(ob, 0, G * D * sizeof(float)); continue; }
+    const int64_t n8 = (n + 7) / 8 * 8;
+    int32_t* slot = malloc(n * sizeof(int32_t));
+    float* w = aligned_alloc(32, G * n8 * sizeof(float));  /* scores, then weights, (G, n8) */
+    for (int64_t s = 0, i = 0; s < S; s++) if (allowed[s]) slot[i++] = (int32_t)s;
+    for (int64_t i = 0; i < n; i++) {  /* scores: each key row is read once for the G queries */
+      const float* kr = kb + slot[i] * D;
+      for (int64_t g = 0; g < G; g++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * D + d), _mm256_loadu_ps(kr + d), a);
+        w[g * n8 + i] = sum8(_mm256_mul_ps(a, scale));
+      }
+    }
+    for (int64_t g = 0; g < G; g++) {  /* weights e^(score - max), zero past n; their sum */
+      float* wg = w + g * n8;
+      float m = wg[0];
+      for (int64_t i = 1; i < n; i++) m = (wg[i] > m || wg[i] != wg[i]) ? wg[i] : m;  /* NaN wins */
+      for (int64_t i = n; i < n8; i++) wg[i] = m;
+      const __m256 mv = _mm256_set1_ps(m);
+      __m256 l = _mm256_setzero_ps();
+      for (int64_t i = 0; i < n8; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(wg + i), mv));
+        _mm256_store_ps(wg + i, e);
+        if (i + 8 > n) for (int64_t j = n; j < n8; j++) wg[j] = 0.0f;
+        l = _mm256_add_ps(l, _mm256_load_ps(wg + i));
+      }
+      const float inv = 1.0f / sum8(l);
+      for (int64_t d = 0; d < D; d++) ob[g * D + d] = 0.0f;
+      for (int64_t i = 0; i < n; i++) {  /* v rows in the order of the slots, from the cache after the first query */
+        const __m256 p = _mm256_set1_ps(wg[i] * inv);
+        const float* vr = vb + slot[i] * D;
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(ob + g * D + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(ob + g * D + d)));
+      }
+    }
+    free(slot);
+    free(w);
+  }
+}
 """
 
 # The C++ side: the two operators, which check their arguments and call the C kernels.
@@ -306,12 +413,16 @@ OPERATORS = r"""
 
 typedef void (*int4_fn)(const uint8_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 typedef void (*int8_fn)(const int8_t*, const float*, const float*, float*, int64_t, int64_t, int64_t);
+typedef void (*attend_fn)(const float*, const float*, const float*, const uint8_t*, float*, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, int64_t);
 static int4_fn int4_kernel = nullptr;
 static int8_fn int8_kernel = nullptr;
+static attend_fn attend_kernel = nullptr;
 
-extern "C" void companion_set_kernels(void* int4, void* int8) {
+extern "C" void companion_set_kernels(void* int4, void* int8, void* attend) {
   int4_kernel = reinterpret_cast<int4_fn>(int4);
   int8_kernel = reinterpret_cast<int8_fn>(int8);
+  attend_kernel = reinterpret_cast<attend_fn>(attend);
 }
 
 static at::Tensor int4_gemv(const at::Tensor& packed, const at::Tensor& x, int64_t out_features, int64_t group_size) {
@@ -353,11 +464,40 @@ static at::Tensor int8_gemv(const at::Tensor& qweight, const at::Tensor& scales,
   return y;
 }
 
+static at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  TORCH_CHECK(attend_kernel != nullptr, "companion::attend_one: the C kernel is not loaded");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "q must be (B, H, 1, D): one query per head; got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k and v must be (B, KV, S, D) alike; got ", k.sizes(), " and ",
+              v.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(KV > 0 && H % KV == 0, "H=", H, " query heads must be a multiple of KV=", KV, " key/value heads");
+  TORCH_CHECK(D > 0 && D % 8 == 0, "head dimension D=", D, " must be a positive multiple of 8");
+  TORCH_CHECK(S < (int64_t(1) << 31), "S=", S, " slots: at most 2**31 - 1");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "q, k and v must be float32 on the CPU; got ",
+                t->scalar_type(), " on ", t->device());
+  const bool mask_shape = mask.dim() >= 1 && mask.dim() <= 3 && mask.size(-1) == S &&
+                          (mask.dim() == 1 || mask.size(-2) == 1) &&
+                          (mask.dim() < 3 || mask.size(0) == 1 || mask.size(0) == B);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask_shape,
+              "mask must be bool (S,), (1, S), or (1 or B, 1, S): one row for every sequence of the batch (B=", B,
+              ") or one for all, with S=", S, " entries; got ", mask.scalar_type(), " ", mask.sizes());
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = mask.contiguous();
+  at::Tensor out = at::empty(qc.sizes(), qc.options());
+  attend_kernel(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>()), out.data_ptr<float>(), B, H, KV, S, D,
+                mask.numel() == S ? 0 : S);
+  return out;
+}
+
 TORCH_LIBRARY(companion, m) {
   m.def("int4_gemv(Tensor packed, Tensor x, int out_features, int group_size) -> Tensor");
   m.def("int8_gemv(Tensor qweight, Tensor scales, Tensor x) -> Tensor");
+  m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   m.impl("int4_gemv", c10::DispatchKey::CPU, TORCH_FN(int4_gemv));
   m.impl("int8_gemv", c10::DispatchKey::CPU, TORCH_FN(int8_gemv));
+  m.impl("attend_one", c10::DispatchKey::CPU, TORCH_FN(attend_one));
 }
 """
 
@@ -475,6 +615,8 @@ def _kernels(name: str) -> ctypes.CDLL:
     lib.int4_gemv.restype = None
     lib.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_gemv.restype = None
+    lib.attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
+    lib.attend_one.restype = None
     return lib
 
 
@@ -495,7 +637,8 @@ def _load() -> tuple[bool, str | None]:
         return False, str(error)
     operators = ctypes.CDLL(str(operators_path))  # the same library, already loaded: to hand it the kernels
     operators.companion_set_kernels(ctypes.cast(kernels.int4_gemv, ctypes.c_void_p),
-                                    ctypes.cast(kernels.int8_gemv, ctypes.c_void_p))
+                                    ctypes.cast(kernels.int8_gemv, ctypes.c_void_p),
+                                    ctypes.cast(kernels.attend_one, ctypes.c_void_p))
 
     @torch.library.register_fake("companion::int4_gemv")
     def _int4_fake(packed: Tensor, x: Tensor, out_features: int, group_size: int) -> Tensor:
@@ -505,9 +648,14 @@ def _load() -> tuple[bool, str | None]:
     def _int8_fake(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:
         return x.new_empty(*x.shape[:-1], qweight.size(0), dtype=torch.float32)
 
+    @torch.library.register_fake("companion::attend_one")
+    def _attend_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     return True, None
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it once, at tracing, without tracing into the build
 def available() -> bool:
     """Whether the kernels are built and registered here (the first call builds them)."""
     return _load()[0]
@@ -623,8 +771,39 @@ def int8_gemv(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     return torch.ops.companion.int8_gemv(qweight, scales, x)
 
 
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """``(B, H, 1, D)``: one query per head ``q`` ``(B, H, 1, D)`` attending over a KV cache ``k``,
+    ``v`` ``(B, KV, S, D)`` (``H`` a multiple of ``KV``: grouped heads are read, not copied),
+    where the bool ``mask`` ``(..., S)`` (one row, or one per sequence) allows; float32.
+
+    What :func:`companion.layers.sdpa_attention` computes, scale ``1 / sqrt(D)``; the keys and
+    values of the slots the mask hides are never read, so a cache allocated for a maximum length
+    costs only its written slots. A query with no allowed slot gets zeros, as PyTorch 2.13's
+    kernel gives. ``torch.ops.companion.attend_one``; it has no backward pass, so gradients do
+    not flow through it (:func:`takes_attention` sends it no call that needs them).
+    """
+    _require()
+    return torch.ops.companion.attend_one(q, k, v, mask)
+
+
+def takes_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
+    """Whether :func:`companion.layers.sdpa_attention` hands this call to :func:`attend_one`.
+
+    The switch :data:`attention_enabled` is on; one query per head (a decoding step); ``q``,
+    ``k`` and ``v`` float32 on a CPU, and a bool mask; a head dimension that is a multiple of
+    8; no gradient to compute (the kernel has no backward pass); and the kernels run here
+    (:func:`available`, which builds them on its first call). Anything else keeps PyTorch's
+    kernel.
+    """
+    tensors = (q, k, v)
+    return (attention_enabled and q.size(2) == 1 and mask.dtype == torch.bool and q.size(-1) % 8 == 0
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and available())
+
+
 def run_variant(name: str, kernel: str, *args: Tensor | int) -> Tensor:
-    """``int4_gemv`` or ``int8_gemv`` (``kernel``) with a chosen variant, through ctypes.
+    """``int4_gemv``, ``int8_gemv`` or ``attend_one`` (``kernel``: ``"int4"``, ``"int8"``,
+    ``"attend"``) with a chosen variant, through ctypes.
 
     For tests: every variant must give the same bits. The arguments are those of the
     functions above, already checked by them.
@@ -642,6 +821,12 @@ def run_variant(name: str, kernel: str, *args: Tensor | int) -> Tensor:
         y = x.new_empty(*x.shape[:-1], qweight.size(0))
         lib.int8_gemv(qweight.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), x.numel() // x.size(-1),
                       *qweight.shape)
+    elif kernel == "attend":
+        q, k, v, mask = (t.contiguous() for t in args)
+        (B, H, _, D), (_, KV, S, _) = q.shape, k.shape
+        y = torch.empty_like(q)
+        lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), y.data_ptr(), B, H, KV, S, D,
+                       0 if mask.numel() == S else S)
     else:
-        raise ValueError(f"kernel={kernel!r} must be 'int4' or 'int8'")
+        raise ValueError(f"kernel={kernel!r} must be 'int4', 'int8' or 'attend'")
     return y

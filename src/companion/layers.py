@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from companion import cpu_kernels
 from companion.device import cpu_info
 
 __all__ = [
@@ -453,10 +454,15 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
     Same inputs, output and mask convention: ``q`` ``(B, H, T, D)``, ``k`` and ``v``
     ``(B, K, S, D)``, ``mask`` a bool ``(T, S)`` or ``(B, T, S)``, True where allowed (every
-    row needs at least one allowed key, or that row's output is NaN). PyTorch picks a fused kernel for the
+    row needs at least one allowed key: a row without one gives NaN in :func:`attention`, and
+    zeros here with torch 2.13). PyTorch picks a fused kernel for the
     device and dtype, which need not write the ``(T, S)`` weights to memory. With ``K < H``
     it reads grouped key/value heads itself (``enable_gqa=True``); on torch older than 2.5,
     which lacks that option, this falls back to :func:`attention`, which copies nothing either.
+    PyTorch's kernels read every slot of ``k`` and ``v``, the hidden ones too; a decoding step
+    on a CPU (one query per head, float32, no gradient) goes instead to
+    :func:`companion.cpu_kernels.attend_one`, which reads only the slots the mask allows, where
+    the C kernels run (:func:`companion.cpu_kernels.takes_attention`).
 
     >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
     >>> mask = attention_mask(torch.arange(3), torch.arange(3))
@@ -464,6 +470,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     True
     """
     G = _group_size(q.size(1), k.size(1))
+    if cpu_kernels.takes_attention(q, k, v, mask):  # one query per head on a CPU: read only the allowed slots
+        return torch.ops.companion.attend_one(q, k, v, mask)  # (B, H, 1, D)
     if not _SDPA_HAS_GQA and G > 1:  # torch < 2.5: no enable_gqa, so the grouped explicit path
         return attention(q, k, v, mask)
     if mask.dim() == 3:  # (B, T, S): one mask per sequence, broadcast over its heads
