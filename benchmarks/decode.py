@@ -52,16 +52,20 @@ Timings on a shared machine are noisy: run it twice and compare the ratios, not 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 
 import torch
 
+from companion import cpu_kernels
 from companion.bench import measure_bandwidth, synchronize
 from companion.checkpoint import hf_state_dict
+from companion.fusion import fuse_projections, is_fused, unfuse_projections
 from companion.generation.static_cache import compile_step, decode
 from companion.llama import Llama, LlamaConfig, count_parameters
+from companion.quantize import quantize_
 
 SIZES = {
     # about 220M parameters: 12 layers of width 1024, a 32000-token vocabulary.
@@ -160,10 +164,6 @@ def without_c_kernels(model: torch.nn.Module) -> torch.nn.Module:
     Its projections are apart (:func:`companion.fusion.unfuse_projections`): Inductor's int8
     loop was slower on the stacked matrices, and PyTorch's int4 kernel gained nothing.
     """
-    import copy
-
-    from companion.fusion import unfuse_projections
-
     model = unfuse_projections(copy.deepcopy(model))
     for module in model.modules():
         if hasattr(module, "gemv_weight"):
@@ -175,8 +175,6 @@ def without_c_kernels(model: torch.nn.Module) -> torch.nn.Module:
 
 def without_triton_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of a quantized model whose layers, on a GPU, leave one row to Inductor (``one_row_forward``)."""
-    import copy
-
     model = copy.deepcopy(model)
     for module in model.modules():
         if hasattr(module, "gpu_kernel"):
@@ -186,14 +184,14 @@ def without_triton_kernels(model: torch.nn.Module) -> torch.nn.Module:
 
 def torchao_int8(hf: torch.nn.Module) -> torch.nn.Module:
     """A bf16 copy of the Hugging Face model with torchao's int8 weight-only linears."""
-    import copy
     import logging
 
     logging.getLogger("torchao").setLevel(logging.ERROR)  # a warning per GPU library missing on a CPU
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import quantize_ as torchao_quantize_
 
     model = copy.deepcopy(hf).to(torch.bfloat16)
-    quantize_(model, Int8WeightOnlyConfig())
+    torchao_quantize_(model, Int8WeightOnlyConfig())
     return model
 
 
@@ -267,21 +265,11 @@ def main() -> None:
         models["ours, torch.compile"] = ours
         runners["ours, torch.compile"] = lambda: decode(ours, prompt, n, max_seq_len=max_len, step=step)
     if args.compile and args.fuse and device.type == "cuda":  # fewer, larger products per layer
-        import copy
-
-        from companion.fusion import fuse_projections
-
         fused = fuse_projections(copy.deepcopy(ours))
         fused_step = compile_step(fused)
         models["ours, compiled, fused"] = fused
         runners["ours, compiled, fused"] = lambda: decode(fused, prompt, n, max_seq_len=max_len, step=fused_step)
     for scheme in args.quant:
-        import copy
-
-        from companion import cpu_kernels
-        from companion.fusion import fuse_projections
-        from companion.quantize import quantize_
-
         quantized = quantize_(copy.deepcopy(ours), scheme, group_size=args.group_size)
         # fewer calls to the C kernels on a CPU; fewer, larger reductions on a GPU
         if args.fuse and (device.type == "cuda" or cpu_kernels.available()):
@@ -319,8 +307,6 @@ def main() -> None:
               f"{gbps:7.1f} {gbps / peak:6.0%}  {same:.0%} the same")
     if device.type == "cpu" and args.llama_cpp is not False:
         time_llama_cpp_rows(ours, args, reference_seconds, peak)
-    from companion.fusion import is_fused
-
     fused = [name for name, model in models.items() if is_fused(model)]
     print("\nGB/token: weights and scales a new token reads (one row of the embedding table); GB/s = that x "
           "tokens/s, beside the bandwidth measured by summing a large tensor ('of bw'). The prompt's "
