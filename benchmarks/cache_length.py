@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import functools
 import sys
-import time
 
 import torch
 
@@ -35,7 +34,7 @@ from companion.fusion import fuse_projections
 from companion.generation.static_cache import compile_step, decode
 from companion.llama import LlamaConfig
 from companion.quantize import quantize_
-from decode import SIZES, build
+from decode import SIZES, build, interleaved
 
 
 def main() -> None:
@@ -66,22 +65,18 @@ def main() -> None:
         for length in args.lengths:
             torch._dynamo.reset()  # a step compiled for this cache's shape, with each attention kernel
             step = compile_step(model)
-            def run(on: bool, length=length, model=model, step=step) -> tuple[torch.Tensor, float]:
-                cpu_kernels.attention_enabled = on
-                start = time.perf_counter()
-                tokens = decode(model, prompt, n, max_seq_len=length, step=step)
-                return tokens, time.perf_counter() - start
 
-            tokens = {on: run(on)[0] for on in (True, False)}  # warm-up: compiles the step both ways
-            times = {True: [], False: []}
-            for _ in range(args.repeats):
-                for on in (True, False):
-                    times[on].append(run(on)[1])
-            rate = {on: n / statistics.median(t) for on, t in times.items()}
+            def run(kernel: str, length=length, model=model, step=step) -> torch.Tensor:
+                cpu_kernels.attention_enabled = kernel == "attend_one"
+                return decode(model, prompt, n, max_seq_len=length, step=step)
+
+            # the first run of each compiles the step with that kernel; then they take turns
+            runs = interleaved({f"{name}, cache {length}, {kernel}": functools.partial(run, kernel)
+                                for kernel in ("attend_one", "sdpa")}, torch.device("cpu"), args.repeats)
+            (tokens, seconds), (tokens_sdpa, seconds_sdpa) = runs.values()
             kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * length * config.head_dim * 4
-            same = torch.equal(tokens[True], tokens[False])
-            print(f"{name:6s} {length:6d} {rate[True]:13.1f} {rate[False]:14.1f} {rate[True] / rate[False]:5.2f}x "
-                  f"{kv_bytes / 1e6:20.1f}  {same}", flush=True)
+            print(f"{name:6s} {length:6d} {n / seconds:13.1f} {n / seconds_sdpa:14.1f} {seconds_sdpa / seconds:5.2f}x "
+                  f"{kv_bytes / 1e6:20.1f}  {torch.equal(tokens, tokens_sdpa)}", flush=True)
     print()
     for name, model in (("fp32", ours), ("int4", int4)):
         logit_differences(name, model, prompt)

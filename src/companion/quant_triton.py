@@ -33,8 +33,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Triton is optional: its import, the decorator that needs it, the dtypes, as in companion.flash_triton
-from companion.flash_triton import _DTYPES, _jit, tl, triton
+# Triton is optional: its import, the decorator that needs it, the dtypes, and whether its
+# kernels run in the interpreter, from companion.flash_triton
+from companion.flash_triton import _DTYPES, _jit, interpreted, tl, triton
 
 __all__ = ["available", "int4_gemv", "int8_gemv", "interpreted", "takes"]
 
@@ -89,12 +90,7 @@ def _int4_gemv_kernel(q_ptr, scale_ptr, min_ptr, x_ptr, y_ptr, N, row_stride, G,
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-_INTERPRETED = type(_int8_gemv_kernel).__name__ == "InterpretedFunction"  # decided when Triton was imported
-
-
-def interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (see :func:`companion.flash_triton.interpreted`)."""
-    return _INTERPRETED
+_INTERPRETED = interpreted()  # decided when Triton was imported; a constant for torch.compile's tracing
 
 
 def takes(x: Tensor) -> bool:
