@@ -162,6 +162,18 @@ def test_int4_zero_input_and_minimums():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_largest_products_sum_without_overflow(group_size):
+    """Every weight 15 and every input rounded to +-127: the largest partial sums the kernel
+    keeps (in int16 on AVX2, then int32) must still be exact."""
+    N, K = 32, 512
+    q = torch.full((N, K), 15, dtype=torch.uint8)
+    packed = cpu_kernels.pack_int4(q, torch.ones(N, K // group_size), torch.zeros(N, K // group_size), group_size)
+    for sign in (1.0, -1.0):
+        y = cpu_kernels.int4_gemv(packed, torch.full((2, K), sign), N, group_size)
+        assert torch.equal(y, torch.full((2, N), sign * 15 * K))
+
+
 @pytest.mark.parametrize("kernel", ["int4", "int8", "attend"])
 def test_every_variant_gives_the_same_bits(kernel):
     """AVX2 and AVX-512 (with and without VNNI) do the same operations in the same order."""
