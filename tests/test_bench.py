@@ -36,11 +36,16 @@ def counted_flops(fn) -> int:
 def test_decode_step_flops_match_the_flop_counter(name, context):
     cls, config = CACHED[name]
     model = cls(config).eval()
-    model.setup_cache(1, context)  # the step attends to every slot of the preallocated cache
+    model.setup_cache(1, context)
+    token = torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad():
         model(torch.zeros(1, 3, dtype=torch.long), start_pos=0)
-        flops = counted_flops(lambda: model(torch.zeros(1, 1, dtype=torch.long), start_pos=3, last_only=True))
+        # a position in a tensor (a compiled step's): the step attends to every slot of the cache
+        flops = counted_flops(lambda: model(token, start_pos=torch.tensor(3), last_only=True))
+        # an int position: to the slots written so far, and its own
+        flops_int = counted_flops(lambda: model(token, start_pos=3, last_only=True))
     assert flops == forward_flops_per_token(ModelShape.of(config), context)
+    assert flops_int == forward_flops_per_token(ModelShape.of(config), 4)
 
 
 @pytest.mark.parametrize("T", [1, 16])

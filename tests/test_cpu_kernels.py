@@ -440,6 +440,21 @@ def test_attend_one_gives_the_same_bits_for_any_cache_length():
         assert torch.equal(cpu_kernels.attend_one(q, big_k, big_v, mask), small)
 
 
+
+def test_attend_one_reads_a_slice_of_a_cache_where_it_lies():
+    """The first S slots of a longer cache (what ``KVCache.update`` returns for an int
+    ``start_pos``), read in place, give the bits of the same slots copied out; so do keys whose
+    rows are not contiguous (copied by the operator)."""
+    q, k, v = attention_inputs(3, 6, 3, 40, 16, seed=6)
+    big_k, big_v = torch.full((3, 3, 512, 16), math.nan), torch.full((3, 3, 512, 16), math.nan)
+    big_k[:, :, :40], big_v[:, :, :40] = k, v
+    mask = (torch.rand(3, 1, 40, generator=torch.Generator().manual_seed(1)) < 0.6) | (torch.arange(40) == 0)
+    expected = cpu_kernels.attend_one(q, k, v, mask)
+    assert expected.isfinite().all()
+    assert torch.equal(cpu_kernels.attend_one(q, big_k[:, :, :40], big_v[:, :, :40], mask), expected)
+    k_rows_apart = k.transpose(2, 3).contiguous().transpose(2, 3)  # (B, KV, S, D), each row strided
+    assert torch.equal(cpu_kernels.attend_one(q, k_rows_apart, v, mask), expected)
+
 def test_bad_attention_inputs_are_refused():
     q, k, v = attention_inputs(2, 6, 3, 10, 16, seed=0)
     mask = torch.ones(1, 10, dtype=torch.bool)

@@ -136,3 +136,46 @@ def test_cpp_wrapper_is_an_option_of_inductor_only():
         compile_step(random_model("llama"), backend="eager", cpp_wrapper=True)
     with pytest.raises(ValueError, match=r"mode='max-autotune'"):
         compile_step(random_model("llama"), mode="max-autotune", cpp_wrapper=True)
+
+
+def with_attention(name: str, attn: str) -> torch.nn.Module:
+    """A model of :data:`MODELS` (or a GPT) with the given attention, float32, random weights."""
+    from companion.gpt import GPT, GPTConfig
+
+    if name == "gpt":
+        torch.manual_seed(0)
+        return GPT(GPTConfig.preset("tiny", n_positions=128,
+                                    attn_implementation="explicit" if attn == "eager" else attn)).eval()
+    model = random_model(name)
+    for module in model.modules():
+        if hasattr(module, "attn_implementation"):
+            module.attn_implementation = attn
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", [*MODELS, "gpt"])
+def test_an_int_start_pos_reads_only_the_slots_up_to_its_tokens(name, attn):
+    """A prompt, a chunk, then single tokens, each fed with an int ``start_pos``: a cache of
+    128 slots whose slots after the call's tokens hold NaN gives, to the bit, the logits of a
+    cache just long enough (a slot that is read would carry its NaN into every logit)."""
+    from companion.layers import KVCache
+
+    model = with_attention(name, attn)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    calls = [(0, 6), (6, 9), (9, 10), (10, 11), (11, 12)]  # (start, end): a prompt, a chunk, then one token each
+    logits = {}
+    with torch.no_grad():
+        for length in (12, 128):
+            setup = {"rolling": False} if name == "mistral" else {}  # Mistral's KVCache, not its window's buffer
+            model.setup_cache(2, length, **setup)
+            caches = [m for m in model.modules() if isinstance(m, KVCache)]
+            assert caches and all(c.max_seq_len == length for c in caches)
+            logits[length] = []
+            for start, end in calls:
+                for cache in caches:
+                    cache.k[:, :, end:] = float("nan")
+                    cache.v[:, :, end:] = float("nan")
+                logits[length].append(model(ids[:, start:end], start_pos=start))
+    for short, long in zip(logits[12], logits[128]):
+        assert long.isfinite().all() and torch.equal(short, long)

@@ -58,7 +58,9 @@ query heads of a key/value head (grouped-query attention), and computes the soft
 in float32 (scores, their maximum, ``e^(s - max)`` by a polynomial, the weighted sum of the
 values). A step then costs what the written slots cost, whatever length the cache was
 allocated for. :func:`companion.layers.sdpa_attention` sends it every call with one query per
-head, float32, on a CPU, with no gradient to compute (:func:`takes_attention`).
+head, float32, on a CPU, with no gradient to compute (:func:`takes_attention`). The keys and
+values may be the first slots of a longer cache (what ``KVCache.update`` returns for an int
+``start_pos``): rows of ``D`` floats one after the other are read where they lie, not copied.
 
 The kernels are C, compiled on first use with the system's C compiler (the one
 ``torch.compile`` uses on a CPU) for the vector instructions PyTorch itself dispatches to
@@ -352,20 +354,22 @@ static inline float sum8(__m256 a) {
 /* One query per head against a KV cache: out (B, H, D) = softmax(q k^T / sqrt(D)) v over the
    slots s the mask allows (mask[b * mask_stride + s] nonzero), for q (B, H, D) and k, v
    (B, KV, S, D) with H a multiple of KV (query head h reads key/value head h / (H / KV)) and D a
-   multiple of 8. The keys and values of slots the mask hides are never read: a cache allocated
+   multiple of 8. The S rows of D floats of (b, kv) start at k + b * k_b + kv * k_h (v likewise):
+   the first S slots of a longer cache are read in place. The keys and values of slots the mask hides are never read: a cache allocated
    for a maximum length costs what its written slots cost. A query with no allowed slot gets
    zeros, as PyTorch 2.13's scaled_dot_product_attention gives. The same AVX2 operations in the same
    order in every variant, so the same bits on every CPU that runs them. */
 void attend_one(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
-                int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, int64_t mask_stride) {
+                int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, int64_t mask_stride,
+                int64_t k_b, int64_t k_h, int64_t v_b, int64_t v_h) {
   const int64_t G = H / KV;
   const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)D));
   #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < B * KV; task++) {  /* one key/value head and its G query heads */
     const int64_t b = task / KV, h0 = (task % KV) * G;
     const uint8_t* allowed = mask + b * mask_stride;
-    const float* kb = k + task * S * D;
-    const float* vb = v + task * S * D;
+    const float* kb = k + b * k_b + (task % KV) * k_h;
+    const float* vb = v + b * v_b + (task % KV) * v_h;
     const float* qb = q + (b * H + h0) * D;
     float* ob = out + (b * H + h0) * D;
     int64_t n = 0;
@@ -423,7 +427,7 @@ OPERATORS = r"""
 typedef void (*int4_fn)(const uint8_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 typedef void (*int8_fn)(const int8_t*, const float*, const float*, float*, int64_t, int64_t, int64_t);
 typedef void (*attend_fn)(const float*, const float*, const float*, const uint8_t*, float*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, int64_t);
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 static int4_fn int4_kernel = nullptr;
 static int8_fn int8_kernel = nullptr;
 static attend_fn attend_kernel = nullptr;
@@ -492,11 +496,13 @@ static at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask_shape,
               "mask must be bool (S,), (1, S), or (1 or B, 1, S): one row for every sequence of the batch (B=", B,
               ") or one for all, with S=", S, " entries; got ", mask.scalar_type(), " ", mask.sizes());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = mask.contiguous();
+  /* rows of D floats one after the other: a slice of the first slots of a cache is read where it is */
+  const auto rows = [D](const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == D ? t : t.contiguous(); };
+  const at::Tensor qc = q.contiguous(), kc = rows(k), vc = rows(v), mc = mask.contiguous();
   at::Tensor out = at::empty(qc.sizes(), qc.options());
   attend_kernel(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
                 reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>()), out.data_ptr<float>(), B, H, KV, S, D,
-                mask.numel() == S ? 0 : S);
+                mask.numel() == S ? 0 : S, kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1));
   return out;
 }
 
@@ -624,7 +630,7 @@ def _kernels(name: str) -> ctypes.CDLL:
     lib.int4_gemv.restype = None
     lib.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_gemv.restype = None
-    lib.attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
+    lib.attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10
     lib.attend_one.restype = None
     return lib
 
@@ -835,7 +841,7 @@ def run_variant(name: str, kernel: str, *args: Tensor | int) -> Tensor:
         (B, H, _, D), (_, KV, S, _) = q.shape, k.shape
         y = torch.empty_like(q)
         lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), y.data_ptr(), B, H, KV, S, D,
-                       0 if mask.numel() == S else S)
+                       0 if mask.numel() == S else S, *k.stride()[:2], *v.stride()[:2])
     else:
         raise ValueError(f"kernel={kernel!r} must be 'int4', 'int8' or 'attend'")
     return y

@@ -190,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         if positions is not None:
             if mask is None:
                 raise ValueError("positions were given without a mask: the cache's slots need one")
-            k, v = self.cache.update(k, v, positions)  # (B, H, S, D): every slot of the cache
+            k, v = self.cache.update(k, v, positions, mask.size(-1))  # (B, H, S, D): the slots the mask covers
         if mask is not None and mask.dim() == 3:  # (B, T, S): one mask per sequence, shared by its heads
             mask = mask[:, None]  # (B, 1, T, S)
         if self.attn_implementation == "sdpa" and mask is None:
@@ -324,7 +324,9 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,)
         if use_cache or left_pad is not None:  # attend over the cache's slots, or around padding
-            k_pos = cache.key_positions(pos) if use_cache else pos  # (S,): where each key sits
+            # an int start_pos: the slots after this call's tokens are empty, and are left out
+            end = start_pos + T if use_cache and isinstance(start_pos, int) else None
+            k_pos = cache.key_positions(pos, end) if use_cache else pos  # (S,): where each key sits
             # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S)
             seq_pos, mask = positions_and_mask(pos, k_pos, left_pad)
         else:  # the whole sequence on its own: plain causal attention

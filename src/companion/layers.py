@@ -528,6 +528,8 @@ class KVCache(nn.Module):
     :meth:`key_positions` gives the position of each slot, from which :func:`attention_mask`
     builds the mask. Slots not yet written hold positions later than any query, so the causal
     mask hides them: shapes never change, which is what ``torch.compile`` and CUDA graphs need.
+    A caller that knows on the host where the written slots end (a prompt's pass, with an int
+    ``start_pos``) passes ``end`` and gets only those.
 
     >>> cache = KVCache(1, 2, 8, 4)
     >>> cache.key_positions(torch.arange(3)).tolist()
@@ -535,6 +537,10 @@ class KVCache(nn.Module):
     >>> k, v = cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), torch.arange(3))
     >>> k.shape, k[0, 0, :, 0].tolist()
     (torch.Size([1, 2, 8, 4]), [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    >>> cache.key_positions(torch.arange(3, 5), end=5).tolist()
+    [0, 1, 2, 3, 4]
+    >>> cache.update(torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 4), torch.arange(3, 5), end=5)[0].shape
+    torch.Size([1, 2, 5, 4])
     """
 
     def __init__(
@@ -561,9 +567,16 @@ class KVCache(nn.Module):
         self.k.zero_()
         self.v.zero_()
 
-    def key_positions(self, positions: Tensor) -> Tensor:
-        """Positions ``(S,)`` of the keys :meth:`update` returns, for new tokens at ``positions``."""
-        return self.slot_pos
+    def key_positions(self, positions: Tensor, end: int | None = None) -> Tensor:
+        """Positions ``(S,)`` of the keys :meth:`update` returns, for new tokens at ``positions``.
+
+        ``end``, when the caller knows it on the host (an int ``start_pos``: ``start_pos +
+        T``), is one past the last new position: the slots from ``end`` on are still empty, so
+        only the first ``end`` are returned, and :meth:`update` with the same ``end`` returns
+        only those keys. A prompt's pass then costs what the prompt costs, however long the
+        cache was allocated for.
+        """
+        return self.slot_pos if end is None else self.slot_pos[:end]
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only the sequences ``rows`` (indices into the batch), in that order.
@@ -574,11 +587,17 @@ class KVCache(nn.Module):
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
-    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k``, ``v`` ``(B, K, T, D)`` at ``positions`` ``(T,)``; return all slots ``(B, K, S, D)``."""
+    def update(self, k: Tensor, v: Tensor, positions: Tensor, end: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write ``k``, ``v`` ``(B, K, T, D)`` at ``positions`` ``(T,)``; return the slots ``(B, K, S, D)``.
+
+        All ``max_seq_len`` slots, or the first ``end`` (views of the buffers, nothing copied);
+        see :meth:`key_positions`.
+        """
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
-        return self.k, self.v
+        if end is None or end == self.max_seq_len:
+            return self.k, self.v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class RollingKVCache(nn.Module):
@@ -635,10 +654,11 @@ class RollingKVCache(nn.Module):
         self.v.zero_()
         self.slot_pos.fill_(-1)
 
-    def key_positions(self, positions: Tensor) -> Tensor:
+    def key_positions(self, positions: Tensor, end: int | None = None) -> Tensor:
         """Positions of the keys :meth:`update` will return for new ``positions`` ``(T,)``.
 
         ``(W,)`` for one new token (the slots after it is written), ``(W + T,)`` for a chunk.
+        ``end`` (see :meth:`KVCache.key_positions`) changes nothing: the window is all there is.
         """
         if positions.size(0) == 1:  # a decoding step: the slot p % W now holds p
             slots = torch.arange(self.window, device=positions.device)
@@ -654,13 +674,13 @@ class RollingKVCache(nn.Module):
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
-    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor, positions: Tensor, end: int | None = None) -> tuple[Tensor, Tensor]:
         """Store the new ``k``, ``v`` ``(B, K, T, D)``; return the keys and values to attend over.
 
         One new token: written into its slot first, then the ``(B, K, W, D)`` buffers are
         returned as they are. A chunk: the earlier slots followed by the chunk,
         ``(B, K, W + T, D)``, after which the chunk's last ``W`` positions are stored. Both in the
-        order of :meth:`key_positions`.
+        order of :meth:`key_positions`, which ``end`` does not change.
         """
         if k.size(2) == 1:  # overwrites position p - W, which no query from p on can see
             slot = positions % self.window

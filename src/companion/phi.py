@@ -194,8 +194,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin are (T, R): first R features only
-        if positions is not None:  # decoding with the cache: store k, v, read every cached slot
-            k, v = self.cache.update(k, v, positions)  # (B, H, S, D)
+        if positions is not None:  # decoding with the cache: store k, v; read the slots the mask covers
+            k, v = self.cache.update(k, v, positions, mask.size(-1))  # (B, H, S, D)
         attend = sdpa_attention if self.attn_implementation == "sdpa" else attention
         y = attend(q, k, v, mask)  # (B, H, T, D)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
@@ -294,7 +294,9 @@ class Phi(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,): cache slots
-        k_pos = cache.key_positions(positions) if use_cache else positions  # (S,): where each key sits
+        # an int start_pos: the slots after this call's tokens are empty, and are left out
+        end = start_pos + T if use_cache and isinstance(start_pos, int) else None
+        k_pos = cache.key_positions(positions, end) if use_cache else positions  # (S,): where each key sits
         # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S), the same for every layer
         seq_pos, mask = positions_and_mask(positions, k_pos, left_pad)
         x = self.embed_tokens(idx)  # (B, T, C)

@@ -188,11 +188,12 @@ class PagedKVCache(nn.Module):
         """Bytes of keys and values in one block of this layer (0 before the first write)."""
         return 0 if self.k is None else 2 * self.k[:self.block_size].numel() * self.k.element_size()
 
-    def key_positions(self, positions: Tensor) -> Tensor:
-        """The columns of the keys :meth:`update` returns: ``0 .. C-1``."""
+    def key_positions(self, positions: Tensor, end: int | None = None) -> Tensor:
+        """The columns of the keys :meth:`update` returns: ``0 .. C-1`` (the block tables say
+        which rows those are; ``end`` changes nothing)."""
         return torch.arange(self.batch.read.size(1), device=positions.device)
 
-    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor, positions: Tensor, end: int | None = None) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` ``(B, K, T, D)`` into the pool; return every row's ``(B, K, C, D)``."""
         B, K, T, D = k.shape
         if self.k is None:

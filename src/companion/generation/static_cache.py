@@ -60,12 +60,14 @@ def decode(
     ``max_position_embeddings`` if not given), whatever this request needs: its buffers keep
     their shapes from one request to the next, so one compiled step serves prompts and
     generations of every length up to ``max_seq_len``.
-    Attention hides the slots not yet written behind a mask. On a CPU where the C kernels run
+    Attention hides the slots not yet written behind a mask. The prompt's pass (an int
+    ``start_pos``) attends over the prompt's slots only (``end`` of
+    :meth:`companion.layers.KVCache.update`). On a CPU where the C kernels run
     (:func:`companion.cpu_kernels.takes_attention`: x86 with AVX2 and a C compiler, float32)
-    each step after the prompt reads only the written slots
+    each later step reads only the written slots too
     (:func:`companion.cpu_kernels.attend_one`), so a long ``max_seq_len`` costs little;
-    elsewhere, and for the prompt's pass, PyTorch's kernel reads every slot, and a
-    ``max_seq_len`` close to what the requests need keeps each step from reading the whole cache.
+    elsewhere PyTorch's kernel reads every slot at every step, and a ``max_seq_len`` close to
+    what the requests need keeps each step from reading the whole cache.
 
     With ``eos_token_id``, a row that produces it is finished: its later tokens are
     ``pad_token_id`` (``eos_token_id`` if not given), and decoding stops as soon as every
