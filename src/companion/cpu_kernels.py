@@ -354,11 +354,12 @@ static inline float sum8(__m256 a) {
 /* One query per head against a KV cache: out (B, H, D) = softmax(q k^T / sqrt(D)) v over the
    slots s the mask allows (mask[b * mask_stride + s] nonzero), for q (B, H, D) and k, v
    (B, KV, S, D) with H a multiple of KV (query head h reads key/value head h / (H / KV)) and D a
-   multiple of 8. The S rows of D floats of (b, kv) start at k + b * k_b + kv * k_h (v likewise):
-   the first S slots of a longer cache are read in place. The keys and values of slots the mask hides are never read: a cache allocated
-   for a maximum length costs what its written slots cost. A query with no allowed slot gets
-   zeros, as PyTorch 2.13's scaled_dot_product_attention gives. The same AVX2 operations in the same
-   order in every variant, so the same bits on every CPU that runs them. */
+   multiple of 8. The S rows of D floats of (b, kv) start at k + b * k_b + kv * k_h (v likewise),
+   so the first S slots of a longer cache are read in place. The keys and values of slots the
+   mask hides are never read: a cache allocated for a maximum length costs what its written
+   slots cost. A query with no allowed slot gets zeros, as PyTorch 2.13's
+   scaled_dot_product_attention gives. The same AVX2 operations in the same order in every
+   variant, so the same bits on every CPU that runs them. */
 void attend_one(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
                 int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, int64_t mask_stride,
                 int64_t k_b, int64_t k_h, int64_t v_b, int64_t v_h) {
