@@ -53,11 +53,11 @@ maximum length so that one compiled step serves every request
 PyTorch's ``scaled_dot_product_attention`` reads every slot, hidden or not: with the cache
 allocated for the model's 2048 positions, a step of the 220M model of ``benchmarks/`` reads
 201 MB of keys and values however short the sequence, twice the 105 MB of its int4 weights. This
-kernel reads the mask, then the keys and values of the allowed slots only, once for all the
-query heads of a key/value head (grouped-query attention), and computes the softmax over them
-in float32 (scores, their maximum, ``e^(s - max)`` by a polynomial, the weighted sum of the
-values). A step then costs what the written slots cost, whatever length the cache was
-allocated for. :func:`companion.layers.sdpa_attention` sends it every call with one query per
+kernel reads the mask (32 slots per comparison, once per sequence), then the keys and values
+of the allowed slots only, once for all the query heads of a key/value head (grouped-query
+attention), and computes the softmax over them in float32 (scores, their maximum, ``e^(s -
+max)`` by a polynomial, the weighted sum of the values). A step then costs what the written
+slots cost, whatever length the cache was allocated for. :func:`companion.layers.sdpa_attention` sends it every call with one query per
 head, float32, on a CPU, with no gradient to compute (:func:`takes_attention`). The keys and
 values may be the first slots of a longer cache (what ``KVCache.update`` returns for an int
 ``start_pos``): rows of ``D`` floats one after the other are read where they lie, not copied.
@@ -360,26 +360,39 @@ static inline float sum8(__m256 a) {
    slots cost. A query with no allowed slot gets zeros, as PyTorch 2.13's
    scaled_dot_product_attention gives. The same AVX2 operations in the same order in every
    variant, so the same bits on every CPU that runs them. */
+/* The indices of the nonzero bytes of allowed[0 .. S-1], in order, into slot; their number.
+   32 bytes at a time: one compare gives a bit per byte, and each set bit is one slot. */
+static int64_t allowed_slots(const uint8_t* allowed, int64_t S, int32_t* slot) {
+  int64_t n = 0, s = 0;
+  for (; s + 32 <= S; s += 32) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(allowed + s));
+    uint32_t bits = ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256()));
+    for (; bits; bits &= bits - 1) slot[n++] = (int32_t)(s + __builtin_ctz(bits));
+  }
+  for (; s < S; s++) if (allowed[s]) slot[n++] = (int32_t)s;
+  return n;
+}
+
 void attend_one(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
                 int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, int64_t mask_stride,
                 int64_t k_b, int64_t k_h, int64_t v_b, int64_t v_h) {
-  const int64_t G = H / KV;
+  const int64_t G = H / KV, rows = mask_stride ? B : 1;  /* a mask row per sequence, or one for all */
   const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)D));
+  int32_t* slots = malloc(rows * S * sizeof(int32_t));  /* each row's allowed slots, found once */
+  int64_t* counts = malloc(rows * sizeof(int64_t));
+  for (int64_t r = 0; r < rows; r++) counts[r] = allowed_slots(mask + r * mask_stride, S, slots + r * S);
   #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < B * KV; task++) {  /* one key/value head and its G query heads */
-    const int64_t b = task / KV, h0 = (task % KV) * G;
-    const uint8_t* allowed = mask + b * mask_stride;
+    const int64_t b = task / KV, h0 = (task % KV) * G, r = mask_stride ? b : 0;
+    const int32_t* slot = slots + r * S;
+    const int64_t n = counts[r];
     const float* kb = k + b * k_b + (task % KV) * k_h;
     const float* vb = v + b * v_b + (task % KV) * v_h;
     const float* qb = q + (b * H + h0) * D;
     float* ob = out + (b * H + h0) * D;
-    int64_t n = 0;
-    for (int64_t s = 0; s < S; s++) n += allowed[s] != 0;
     if (n == 0) { memset(ob, 0, G * D * sizeof(float)); continue; }
     const int64_t n8 = (n + 7) / 8 * 8;
-    int32_t* slot = malloc(n * sizeof(int32_t));
     float* w = aligned_alloc(32, G * n8 * sizeof(float));  /* scores, then weights, (G, n8) */
-    for (int64_t s = 0, i = 0; s < S; s++) if (allowed[s]) slot[i++] = (int32_t)s;
     for (int64_t i = 0; i < n; i++) {  /* scores: each key row is read once for the G queries */
       const float* kr = kb + slot[i] * D;
       for (int64_t g = 0; g < G; g++) {
@@ -410,9 +423,10 @@ void attend_one(const float* q, const float* k, const float* v, const uint8_t* m
           _mm256_storeu_ps(ob + g * D + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(ob + g * D + d)));
       }
     }
-    free(slot);
     free(w);
   }
+  free(slots);
+  free(counts);
 }
 """
 
