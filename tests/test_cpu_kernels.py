@@ -103,6 +103,24 @@ def test_the_kernels_compute_what_their_pytorch_references_say(group_size):
         assert ((y8.double() - reference8.double()).abs() <= 1e-6 * (w8.abs() @ x.double().abs())).all()
 
 
+@pytest.mark.parametrize("group_size", [16, 48, 80])
+def test_int4_group_sizes_outside_the_quantizers_choices(group_size):
+    """The layout takes any multiple of 16 (quantize_int4 offers 32, 64 and 128): a group whose
+    chunks are not a multiple of four must still stop at its own end, in every variant."""
+    N, K = 32, 4 * group_size
+    g = torch.Generator().manual_seed(group_size)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scales = (0.005 + 0.01 * torch.rand(N, K // group_size, generator=g)).half().float()  # as float16 holds them
+    mins = (0.05 * torch.randn(N, K // group_size, generator=g)).half().float()
+    packed = cpu_kernels.pack_int4(q, scales, mins, group_size)
+    x = x_with_uneven_groups(K, 1, group_size)
+    reference = cpu_kernels.int4_gemv_reference(q, scales, mins, x, group_size)
+    size = (15 * scales.double().abs() + mins.double().abs()) @ x.double().abs().view(-1, group_size).sum(-1)
+    for name in cpu_kernels.variants_here():
+        y = cpu_kernels.run_variant(name, "int4", packed, x, N, group_size)
+        assert ((y.double() - reference.double()).abs() <= 1e-6 * size).all(), name
+
+
 def test_int4_rows_and_inputs_land_in_their_place():
     """One nonzero weight at a time: the layout puts every (row, input) where the kernel reads it."""
     N, K, gs = 32, 64, 32
@@ -162,16 +180,17 @@ def test_int4_zero_input_and_minimums():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("group_size", [32, 48, 64, 128])
 def test_int4_largest_products_sum_without_overflow(group_size):
     """Every weight 15 and every input rounded to +-127: the largest partial sums the kernel
     keeps (in int16 on AVX2, then int32) must still be exact."""
-    N, K = 32, 512
+    N, K = 32, 8 * group_size
     q = torch.full((N, K), 15, dtype=torch.uint8)
     packed = cpu_kernels.pack_int4(q, torch.ones(N, K // group_size), torch.zeros(N, K // group_size), group_size)
-    for sign in (1.0, -1.0):
-        y = cpu_kernels.int4_gemv(packed, torch.full((2, K), sign), N, group_size)
-        assert torch.equal(y, torch.full((2, N), sign * 15 * K))
+    for name in cpu_kernels.variants_here():
+        for sign in (1.0, -1.0):
+            y = cpu_kernels.run_variant(name, "int4", packed, torch.full((2, K), sign), N, group_size)
+            assert torch.equal(y, torch.full((2, N), sign * 15 * K)), (name, sign)
 
 
 @pytest.mark.parametrize("kernel", ["int4", "int8", "attend"])

@@ -158,7 +158,8 @@ def with_attention(name: str, attn: str) -> torch.nn.Module:
 def test_an_int_start_pos_reads_only_the_slots_up_to_its_tokens(name, attn):
     """A prompt, a chunk, then single tokens, each fed with an int ``start_pos``: a cache of
     128 slots whose slots after the call's tokens hold NaN gives, to the bit, the logits of a
-    cache just long enough (a slot that is read would carry its NaN into every logit)."""
+    cache just long enough (a slot that is read would carry its NaN into every logit), and
+    those of the whole sequence run without a cache."""
     from companion.layers import KVCache
 
     model = with_attention(name, attn)
@@ -177,5 +178,7 @@ def test_an_int_start_pos_reads_only_the_slots_up_to_its_tokens(name, attn):
                     cache.k[:, :, end:] = float("nan")
                     cache.v[:, :, end:] = float("nan")
                 logits[length].append(model(ids[:, start:end], start_pos=start))
-    for short, long in zip(logits[12], logits[128]):
+        whole = model(ids)  # (B, 12, V): no cache, causal attention over the sequence
+    for (start, end), short, long in zip(calls, logits[12], logits[128]):
         assert long.isfinite().all() and torch.equal(short, long)
+        torch.testing.assert_close(long, whole[:, start:end], rtol=0, atol=1e-5)

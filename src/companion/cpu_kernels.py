@@ -26,7 +26,7 @@ of 64 bytes, then the 16 scales and the 16 minimums as float16. In a chunk, byte
 high nibbles, so a 512-bit load and two masks give two registers of 16 rows x 4 inputs, each
 one ``vpdpbusd`` (per 32-bit lane, the sum of 4 products of unsigned by signed bytes) against
 4 inputs broadcast to every lane. Without VNNI, ``vpmaddubsw`` sums the products in pairs to
-int16 and ``vpmaddwd`` widens pairs of those to int32; the AVX2 version adds four chunks in
+int16 and ``vpmaddwd`` widens pairs of those to int32; the AVX2 version adds up to four chunks in
 int16 first (at most ``8 x 2 x 15 x 127 = 30480``) and widens once, which halves the
 multiplications: a prompt's rows, which the cache serves, went through 10-15% faster on a
 2-core Zen 2, and one row, which memory paces, no faster.
@@ -236,9 +236,9 @@ void int4_gemv(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N,
     for (int64_t g = 0; g < G; g++, p += group_bytes) {
       const int8_t* xp = xq + g * gs;
       __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();  /* rows 0-7, rows 8-15 */
-      for (int64_t c0 = 0; c0 < chunks; c0 += 4) {  /* 4 chunks summed in int16: at most 8 * 2 * 15 * 127 */
+      for (int64_t c0 = 0; c0 < chunks; c0 += 4) {  /* up to 4 chunks summed in int16: at most 8 * 2 * 15 * 127 */
         __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
-        for (int64_t c = c0; c < c0 + 4; c++) {
+        for (int64_t c = c0; c < c0 + 4 && c < chunks; c++) {
           _mm_prefetch((const char*)(p + c * 64 + PREFETCH4), _MM_HINT_T0);
           const __m256i v0 = _mm256_loadu_si256((const __m256i*)(p + c * 64));
           const __m256i v1 = _mm256_loadu_si256((const __m256i*)(p + c * 64 + 32));

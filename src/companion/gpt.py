@@ -179,7 +179,8 @@ class CausalSelfAttention(nn.Module):
         Without ``mask``: causal attention among the ``T`` positions of ``x``. With a bool
         ``mask`` ``(T, S)`` or ``(B, T, S)`` (True where allowed), the queries attend to the
         keys it allows. With ``positions`` ``(T,)`` too, the new keys and values are first
-        written into :attr:`cache` there, and the ``S`` keys are every slot of the cache.
+        written into :attr:`cache` there, and the ``S`` keys are the cache's first ``S`` slots
+        (every slot, or those up to the call's last token when its ``start_pos`` is an int).
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)

@@ -524,12 +524,12 @@ class KVCache(nn.Module):
     """Keys and values of every position so far, in buffers allocated once.
 
     ``k`` and ``v`` are ``(B, K, max_seq_len, D)``. :meth:`update` writes the new keys and
-    values at their positions with ``index_copy_`` and returns the whole buffers;
+    values at their positions with ``index_copy_`` and returns the buffers;
     :meth:`key_positions` gives the position of each slot, from which :func:`attention_mask`
     builds the mask. Slots not yet written hold positions later than any query, so the causal
     mask hides them: shapes never change, which is what ``torch.compile`` and CUDA graphs need.
     A caller that knows on the host where the written slots end (a prompt's pass, with an int
-    ``start_pos``) passes ``end`` and gets only those.
+    ``start_pos``) passes ``end`` to both, and gets the first ``end`` slots instead of all.
 
     >>> cache = KVCache(1, 2, 8, 4)
     >>> cache.key_positions(torch.arange(3)).tolist()

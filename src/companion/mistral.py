@@ -294,7 +294,8 @@ class Mistral(nn.Module):
         if use_cache and isinstance(cache, RollingKVCache) and T > cache.window:
             return self._prefill_in_chunks(idx, start_pos, last_only, cache.window, left_pad)
         positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,): cache slots
-        # an int start_pos: the slots after this call's tokens are empty, and are left out
+        # an int start_pos: the slots after this call's tokens are empty, and a KVCache leaves them
+        # out (a RollingKVCache holds the window and nothing else, and ignores end)
         end = start_pos + T if use_cache and isinstance(start_pos, int) else None
         k_pos = cache.key_positions(positions, end) if use_cache else positions  # (S,): where each key sits
         # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S), the same for every layer
