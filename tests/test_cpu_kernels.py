@@ -459,7 +459,6 @@ def test_attend_one_gives_the_same_bits_for_any_cache_length():
         assert torch.equal(cpu_kernels.attend_one(q, big_k, big_v, mask), small)
 
 
-
 def test_attend_one_reads_a_slice_of_a_cache_where_it_lies():
     """The first S slots of a longer cache (what ``KVCache.update`` returns for an int
     ``start_pos``), read in place, give the bits of the same slots copied out; so do keys whose
@@ -473,6 +472,9 @@ def test_attend_one_reads_a_slice_of_a_cache_where_it_lies():
     assert torch.equal(cpu_kernels.attend_one(q, big_k[:, :, :40], big_v[:, :, :40], mask), expected)
     k_rows_apart = k.transpose(2, 3).contiguous().transpose(2, 3)  # (B, KV, S, D), each row strided
     assert torch.equal(cpu_kernels.attend_one(q, k_rows_apart, v, mask), expected)
+    shared = mask[0]  # (1, S): one mask row for every sequence of the batch
+    assert torch.equal(cpu_kernels.attend_one(q, big_k[:, :, :40], big_v[:, :, :40], shared),
+                       cpu_kernels.attend_one(q, k, v, shared))
 
 def test_bad_attention_inputs_are_refused():
     q, k, v = attention_inputs(2, 6, 3, 10, 16, seed=0)
