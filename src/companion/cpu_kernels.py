@@ -57,10 +57,11 @@ kernel reads the mask (32 slots per comparison, once per sequence), then the key
 of the allowed slots only, once for all the query heads of a key/value head (grouped-query
 attention), and computes the softmax over them in float32 (scores, their maximum, ``e^(s -
 max)`` by a polynomial, the weighted sum of the values). A step then costs what the written
-slots cost, whatever length the cache was allocated for. :func:`companion.layers.sdpa_attention` sends it every call with one query per
-head, float32, on a CPU, with no gradient to compute (:func:`takes_attention`). The keys and
-values may be the first slots of a longer cache (what ``KVCache.update`` returns for an int
-``start_pos``): rows of ``D`` floats one after the other are read where they lie, not copied.
+slots cost, whatever length the cache was allocated for. :func:`companion.layers.sdpa_attention`
+sends it every call with one query per head, float32, on a CPU, with no gradient to compute
+(:func:`takes_attention`). The keys and values may be the first slots of a longer cache (what
+``KVCache.update`` returns for an int ``start_pos``): rows of ``D`` floats one after the other
+are read where they lie, not copied.
 
 The kernels are C, compiled on first use with the system's C compiler (the one
 ``torch.compile`` uses on a CPU) for the vector instructions PyTorch itself dispatches to
@@ -351,15 +352,6 @@ static inline float sum8(__m256 a) {
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
-/* One query per head against a KV cache: out (B, H, D) = softmax(q k^T / sqrt(D)) v over the
-   slots s the mask allows (mask[b * mask_stride + s] nonzero), for q (B, H, D) and k, v
-   (B, KV, S, D) with H a multiple of KV (query head h reads key/value head h / (H / KV)) and D a
-   multiple of 8. The S rows of D floats of (b, kv) start at k + b * k_b + kv * k_h (v likewise),
-   so the first S slots of a longer cache are read in place. The keys and values of slots the
-   mask hides are never read: a cache allocated for a maximum length costs what its written
-   slots cost. A query with no allowed slot gets zeros, as PyTorch 2.13's
-   scaled_dot_product_attention gives. The same AVX2 operations in the same order in every
-   variant, so the same bits on every CPU that runs them. */
 /* The indices of the nonzero bytes of allowed[0 .. S-1], in order, into slot; their number.
    32 bytes at a time: one compare gives a bit per byte, and each set bit is one slot. */
 static int64_t allowed_slots(const uint8_t* allowed, int64_t S, int32_t* slot) {
@@ -373,6 +365,15 @@ static int64_t allowed_slots(const uint8_t* allowed, int64_t S, int32_t* slot) {
   return n;
 }
 
+/* One query per head against a KV cache: out (B, H, D) = softmax(q k^T / sqrt(D)) v over the
+   slots s the mask allows (mask[b * mask_stride + s] nonzero), for q (B, H, D) and k, v
+   (B, KV, S, D) with H a multiple of KV (query head h reads key/value head h / (H / KV)) and D a
+   multiple of 8. The S rows of D floats of (b, kv) start at k + b * k_b + kv * k_h (v likewise),
+   so the first S slots of a longer cache are read in place. The keys and values of slots the
+   mask hides are never read: a cache allocated for a maximum length costs what its written
+   slots cost. A query with no allowed slot gets zeros, as PyTorch 2.13's
+   scaled_dot_product_attention gives. The same AVX2 operations in the same order in every
+   variant, so the same bits on every CPU that runs them. */
 void attend_one(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
                 int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, int64_t mask_stride,
                 int64_t k_b, int64_t k_h, int64_t v_b, int64_t v_h) {
@@ -383,11 +384,11 @@ void attend_one(const float* q, const float* k, const float* v, const uint8_t* m
   for (int64_t r = 0; r < rows; r++) counts[r] = allowed_slots(mask + r * mask_stride, S, slots + r * S);
   #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < B * KV; task++) {  /* one key/value head and its G query heads */
-    const int64_t b = task / KV, h0 = (task % KV) * G, r = mask_stride ? b : 0;
+    const int64_t b = task / KV, kv = task % KV, h0 = kv * G, r = mask_stride ? b : 0;
     const int32_t* slot = slots + r * S;
     const int64_t n = counts[r];
-    const float* kb = k + b * k_b + (task % KV) * k_h;
-    const float* vb = v + b * v_b + (task % KV) * v_h;
+    const float* kb = k + b * k_b + kv * k_h;
+    const float* vb = v + b * v_b + kv * v_h;
     const float* qb = q + (b * H + h0) * D;
     float* ob = out + (b * H + h0) * D;
     if (n == 0) { memset(ob, 0, G * D * sizeof(float)); continue; }

@@ -315,7 +315,7 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         cache = self.transformer.h[0].attn.cache
-        use_cache = check_cached_call(B, T, start_pos, left_pad, cache,
+        use_cache, end = check_cached_call(B, T, start_pos, left_pad, cache,
                                       cache.max_seq_len if cache is not None else None)
         if not use_cache and T > self.config.n_positions:
             raise ValueError(
@@ -325,8 +325,6 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,)
         if use_cache or left_pad is not None:  # attend over the cache's slots, or around padding
-            # an int start_pos: the slots after this call's tokens are empty, and are left out
-            end = start_pos + T if use_cache and isinstance(start_pos, int) else None
             k_pos = cache.key_positions(pos, end) if use_cache else pos  # (S,): where each key sits
             # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S)
             seq_pos, mask = positions_and_mask(pos, k_pos, left_pad)

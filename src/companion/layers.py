@@ -487,23 +487,28 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 def check_cached_call(B: int, T: int, start_pos: int | Tensor | None, left_pad: Tensor | None,
-                      cache: nn.Module | None, capacity: int | None) -> bool:
-    """Validate a model call's cache arguments where they enter; return whether the cache is used.
+                      cache: nn.Module | None, capacity: int | None) -> tuple[bool, int | None]:
+    """Validate a model call's cache arguments where they enter; return whether the cache is
+    used, and ``end``, where its written slots end when that is known on the host.
 
     ``left_pad`` needs one entry per row; ``start_pos`` needs a cache (from ``setup_cache``);
     with an int ``start_pos`` the tokens must fit the cache's ``capacity`` positions and its
-    batch. (A tensor ``start_pos`` is not read on the host, so it is not checked.)
+    batch, and ``end = start_pos + T``: the slots from there on are empty, and
+    :meth:`KVCache.key_positions` and :meth:`KVCache.update` leave them out. (A tensor
+    ``start_pos`` is not read on the host, so it is not checked, and ``end`` is None.)
     """
     if left_pad is not None and tuple(left_pad.shape) != (B,):
         raise ValueError(f"left_pad must have one entry per row, shape ({B},), got {tuple(left_pad.shape)}")
     if start_pos is None:
-        return False
+        return False, None
     if cache is None:
         raise ValueError("start_pos was given but there is no cache: call setup_cache(batch_size, max_seq_len)")
-    if isinstance(start_pos, int) and (start_pos + T > capacity or B != cache.k.size(0)):
+    if not isinstance(start_pos, int):
+        return True, None
+    if start_pos + T > capacity or B != cache.k.size(0):
         raise ValueError(f"tokens at positions {start_pos}..{start_pos + T - 1} for batch {B} do not fit "
                          f"the cache of {capacity} positions for batch {cache.k.size(0)}")
-    return True
+    return True, start_pos + T
 
 
 def reuse_or_make_cache(old: nn.Module | None, kind: type, shape: tuple[int, ...], like: Tensor) -> nn.Module:

@@ -280,14 +280,12 @@ class Llama(nn.Module):
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         cache = self.layers[0].self_attn.cache
-        use_cache = check_cached_call(B, T, start_pos, left_pad, cache,
+        use_cache, end = check_cached_call(B, T, start_pos, left_pad, cache,
                                       cache.max_seq_len if cache is not None else None)
         if not use_cache and T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of length {T} is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(T, device=idx.device) + (start_pos if use_cache else 0)  # (T,): cache slots
-        # an int start_pos: the slots after this call's tokens are empty, and are left out
-        end = start_pos + T if use_cache and isinstance(start_pos, int) else None
         k_pos = cache.key_positions(positions, end) if use_cache else positions  # (S,): where each key sits
         # Each sequence's own positions (T,) or (B, T), and the mask (T, S) or (B, T, S), the same for every layer
         seq_pos, mask = positions_and_mask(positions, k_pos, left_pad)
